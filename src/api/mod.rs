@@ -1,0 +1,203 @@
+//! The HTTP API: routes, middleware, extractors, one module per resource.
+//!
+//! What it owns: turning requests into domain values and store calls, and results into
+//! JSON. What it must not do: issue SQL (it calls the [`Store`](crate::store::Store)
+//! trait), or make outbound HTTP (only `delivery` does).
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod meta;
+pub mod ratelimit;
+pub mod webhooks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::delivery::GuardedClient;
+use crate::domain::apikey::ApiKey;
+use crate::domain::event_type::Catalog;
+use crate::domain::sealing::EncryptionKey;
+use crate::domain::url_policy::AllowList;
+use crate::store::{Store, Tenant};
+use crate::telemetry::{HttpLabels, Metrics, RouteLabels};
+use error::{ApiError, REQUEST_ID};
+use ratelimit::{Bucket, RateLimiter};
+
+/// Management request bodies are capped at 1 MiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// At most this many webhooks per organization and environment.
+pub const MAX_WEBHOOKS: u32 = 10;
+
+/// What the API needs from the configuration, checked once at start.
+pub struct ApiSettings {
+    pub catalog: Catalog,
+    pub allow_list: AllowList,
+    pub admin_token: Option<String>,
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub client: GuardedClient,
+    pub encryption_key: Arc<EncryptionKey>,
+    pub settings: Arc<ApiSettings>,
+    pub limiter: Arc<RateLimiter>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Vignetim Webhooks API",
+        description = "Manage webhook endpoints that receive Vignetim order events."
+    ),
+    components(schemas(error::ErrorBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every route, grouped by who calls it. Returns the router and its OpenAPI document.
+pub fn router(state: AppState) -> Router {
+    // Customers (API key): the published webhook-management page, and the catalog.
+    let (customer, customer_doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(webhooks::routes())
+        .merge(meta::customer_routes())
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .split_for_parts();
+    // The platform (admin token): organizations and API keys.
+    let (admin, admin_doc) = admin::routes().split_for_parts();
+    // Operators and monitors (no auth): health, readiness, metrics.
+    let (ops, ops_doc) = meta::ops_routes().split_for_parts();
+
+    let mut doc = customer_doc;
+    doc.merge(admin_doc);
+    doc.merge(ops_doc);
+    let doc = Arc::new(doc);
+
+    Router::new()
+        .merge(customer)
+        .merge(admin)
+        .merge(ops)
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = Arc::clone(&doc);
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Gives each request an id, visible to every handler (errors quote it) and returned in
+/// `X-Request-Id`.
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = crate::domain::ids::new_request_id();
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .http_latency
+        .get_or_create(&RouteLabels { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Authenticates a customer request by its API key, applies the key's rate limit, and
+/// hands the handler its [`Tenant`]. Every response gets the `X-RateLimit-*` headers;
+/// requests without a valid key draw from a per-address bucket.
+async fn authenticate(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let key = extract::bearer(request.headers()).and_then(ApiKey::parse);
+    let record = match key {
+        Some(key) => match state.store.find_api_key(&key.hash()).await {
+            Ok(found) => found.filter(|r| r.environment == key.environment()),
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        None => None,
+    };
+    let bucket = match &record {
+        Some(r) => Bucket::Key(r.id),
+        None => Bucket::Anonymous(peer.ip()),
+    };
+    let decision = state.limiter.check(&bucket);
+    let mut response = if !decision.allowed {
+        ApiError::RateLimited {
+            retry_after_s: decision.reset_s.max(1),
+        }
+        .into_response()
+    } else if let Some(record) = record {
+        request.extensions_mut().insert(Tenant {
+            organization_id: record.organization_id,
+            environment: record.environment,
+        });
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized("missing or invalid API key").into_response()
+    };
+    decision.write_headers(response.headers_mut());
+    response
+}

@@ -1,0 +1,185 @@
+//! Configuration: defaults, then `VIGNETIM_*` environment variables, then flags (clap
+//! layers the last two). Everything is parsed and checked once, at start.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::delivery::{Resolver, SystemResolver};
+use crate::domain::event_type::Catalog;
+use crate::domain::url_policy::AllowList;
+
+/// Where the data lives; shared by every sub-command that opens the store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Database URL: `sqlite://path/to.db` (default: `<data-dir>/vignetim.db`).
+    #[arg(long = "database", env = "VIGNETIM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Folder for the embedded database and the generated encryption key.
+    #[arg(long, env = "VIGNETIM_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// 32-byte key (64 hex digits or base64) that seals signing secrets at rest. With
+    /// SQLite and no key, one is generated into `<data-dir>/encryption.key`.
+    #[arg(long, env = "VIGNETIM_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address the API listens on.
+    #[arg(long, env = "VIGNETIM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Bearer token for the `/admin` calls; without it they answer 401.
+    #[arg(long, env = "VIGNETIM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// DEVELOPMENT AND TESTS ONLY: comma-separated CIDRs allowed despite the SSRF rules
+    /// (e.g. `127.0.0.0/8`), at create/update and at connection time.
+    #[arg(long, env = "VIGNETIM_ALLOW_PRIVATE_CIDRS", default_value = "")]
+    pub allow_private_cidrs: String,
+    /// DEVELOPMENT AND TESTS ONLY: extra trusted root certificate(s), PEM, for a local
+    /// HTTPS receiver.
+    #[arg(long, env = "VIGNETIM_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Time limit of one delivery attempt (and of a test call), e.g. `10s`, `500ms`.
+    #[arg(long, env = "VIGNETIM_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+    /// Sustained API requests per second per key.
+    #[arg(long, env = "VIGNETIM_RATE_LIMIT_PER_SECOND", default_value = "20")]
+    pub rate_limit_per_second: NonZeroU32,
+    /// Requests a key may make in a burst (the bucket size, `X-RateLimit-Limit`).
+    #[arg(long, env = "VIGNETIM_RATE_LIMIT_BURST", default_value = "100")]
+    pub rate_limit_burst: NonZeroU32,
+    /// The event type catalog, comma-separated.
+    #[arg(
+        long,
+        env = "VIGNETIM_EVENT_TYPES",
+        default_value = "order.created,order.completed,order.failed,order.cancelled,order.refunded"
+    )]
+    pub event_types: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "VIGNETIM_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The checked configuration the service runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreArgs,
+    pub admin_token: Option<String>,
+    pub allow_list: AllowList,
+    /// PEM bytes of extra trusted roots, read at start.
+    pub extra_roots_pem: Option<Vec<u8>>,
+    pub delivery_timeout: Duration,
+    pub rate_limit_per_second: NonZeroU32,
+    pub rate_limit_burst: NonZeroU32,
+    pub catalog: Catalog,
+    /// How delivery resolves host names; tests inject their own.
+    pub resolver: Arc<dyn Resolver>,
+}
+
+impl Config {
+    /// Checks `serve`'s flags; every error names the setting at fault.
+    pub fn from_args(args: ServeArgs) -> Result<Self, String> {
+        let allow_list = AllowList::parse(&args.allow_private_cidrs)
+            .map_err(|e| format!("VIGNETIM_ALLOW_PRIVATE_CIDRS: {e}"))?;
+        let extra_roots_pem = args
+            .extra_ca_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|e| format!("VIGNETIM_EXTRA_CA_FILE {}: {e}", path.display()))
+            })
+            .transpose()?;
+        let catalog = Catalog::new(args.event_types.split(',').filter(|s| !s.trim().is_empty()))
+            .map_err(|e| format!("VIGNETIM_EVENT_TYPES: {e}"))?;
+        if args.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err("VIGNETIM_ADMIN_TOKEN must be at least 16 characters".to_owned());
+        }
+        Ok(Self {
+            listen: args.listen,
+            store: args.store,
+            admin_token: args.admin_token,
+            allow_list,
+            extra_roots_pem,
+            delivery_timeout: args.delivery_timeout,
+            rate_limit_per_second: args.rate_limit_per_second,
+            rate_limit_burst: args.rate_limit_burst,
+            catalog,
+            resolver: Arc::new(SystemResolver),
+        })
+    }
+
+    /// Defaults for a service whose data lives in `data_dir` (what `serve` with no flags
+    /// and no environment would run with).
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        let nz = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            store: StoreArgs {
+                database_url: None,
+                data_dir,
+                encryption_key: None,
+            },
+            admin_token: None,
+            allow_list: AllowList::default(),
+            extra_roots_pem: None,
+            delivery_timeout: Duration::from_secs(10),
+            rate_limit_per_second: nz(20),
+            rate_limit_burst: nz(100),
+            catalog: Catalog::default(),
+            resolver: Arc::new(SystemResolver),
+        }
+    }
+}
+
+/// `500ms`, `10s`, `5m`, `2h`, `5d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m, h or d"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s or 5m"))?;
+    let seconds = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too long"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
+        for bad in ["", "10", "s", "10x", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

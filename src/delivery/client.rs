@@ -1,0 +1,387 @@
+//! The guarded HTTP client: the only way the service talks to the outside world.
+//!
+//! Defences, each against a known bypass:
+//! - IP-literal hosts are checked here, because HTTP clients never ask a resolver about
+//!   them;
+//! - host names are resolved by [`GuardedResolver`], which refuses the name when *any*
+//!   answer is non-public and hands the client exactly the addresses it checked, so the
+//!   connection goes to a checked address (no validate-then-fetch window);
+//! - redirects are not followed, no proxy is taken from the environment, no
+//!   `Accept-Encoding` is sent (no decompression bombs);
+//! - one overall time limit covers connect, TLS, request and response;
+//! - at most [`MAX_RESPONSE_BODY`] bytes of the response are read, and nothing of it is
+//!   ever returned to an API caller by this module's users.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::domain::url_policy::{AllowList, BlockReason, WebhookUrl, check_ip};
+
+/// How much of a response body is read and kept.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// Turns a host name into addresses. Injectable so tests can make a name resolve to
+/// whatever they need (e.g. a name that turns into loopback after creation).
+pub trait Resolver: Send + Sync + 'static {
+    fn lookup(
+        &self,
+        host: &str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>;
+}
+
+/// The operating system's resolver (`getaddrinfo`, so `/etc/hosts` is honoured).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn lookup(
+        &self,
+        host: &str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>> {
+        let host = host.to_owned();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            Ok(addrs.map(|a| a.ip()).collect())
+        })
+    }
+}
+
+/// A name resolved to an address the policy refuses.
+#[derive(Debug)]
+struct Blocked {
+    ip: IpAddr,
+    reason: BlockReason,
+}
+
+impl fmt::Display for Blocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "address {} is {}", self.ip, self.reason)
+    }
+}
+impl StdError for Blocked {}
+
+/// A name that did not resolve.
+#[derive(Debug)]
+struct DnsFailure(String);
+
+impl fmt::Display for DnsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "could not resolve host: {}", self.0)
+    }
+}
+impl StdError for DnsFailure {}
+
+/// reqwest's resolver hook: resolve, check every answer, return only checked addresses.
+struct GuardedResolver {
+    inner: Arc<dyn Resolver>,
+    allow: AllowList,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let inner = Arc::clone(&self.inner);
+        let allow = self.allow.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let ips = inner.lookup(&host).await.map_err(|e| {
+                Box::new(DnsFailure(e.to_string())) as Box<dyn StdError + Send + Sync>
+            })?;
+            if ips.is_empty() {
+                return Err(Box::new(DnsFailure("no addresses".to_owned())) as _);
+            }
+            // Fail closed: one non-public answer refuses the whole name, so a receiver
+            // cannot mix a public and a private address and hope for the private one.
+            for ip in &ips {
+                if let Err(reason) = check_ip(*ip, &allow) {
+                    return Err(Box::new(Blocked { ip: *ip, reason }) as _);
+                }
+            }
+            let addrs: reqwest::dns::Addrs =
+                Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
+
+/// Why an attempt failed. The names are the delivery log's failure classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    Dns,
+    Connect,
+    Tls,
+    Timeout,
+    HttpStatus,
+    BlockedAddress,
+    ResponseTooLarge,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Dns => "dns",
+            FailureClass::Connect => "connect",
+            FailureClass::Tls => "tls",
+            FailureClass::Timeout => "timeout",
+            FailureClass::HttpStatus => "http_status",
+            FailureClass::BlockedAddress => "blocked_address",
+            FailureClass::ResponseTooLarge => "response_too_large",
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The HTTP status, if a response arrived.
+    pub status: Option<u16>,
+    /// `None` exactly when the attempt succeeded (a 2xx arrived in time).
+    pub failure: Option<FailureClass>,
+    /// For the log and our own logs; never shown to API callers verbatim.
+    pub detail: String,
+    /// At most [`MAX_RESPONSE_BODY`] bytes.
+    pub body: Vec<u8>,
+    /// Whether the response body went on past what was read.
+    pub body_truncated: bool,
+    pub elapsed: Duration,
+    /// `Retry-After` in seconds, when the receiver sent one as a number.
+    pub retry_after: Option<u64>,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    fn failed(class: FailureClass, detail: String, elapsed: Duration) -> Self {
+        Self {
+            status: None,
+            failure: Some(class),
+            detail,
+            body: Vec::new(),
+            body_truncated: false,
+            elapsed,
+            retry_after: None,
+        }
+    }
+}
+
+/// One signed request to send.
+#[derive(Debug, Clone)]
+pub struct Dispatch<'a> {
+    pub url: &'a str,
+    pub msg_id: &'a str,
+    pub timestamp: i64,
+    pub signature: String,
+    pub body: bytes::Bytes,
+}
+
+/// Settings of the guarded client.
+#[derive(Clone)]
+pub struct ClientSettings {
+    pub allow: AllowList,
+    /// Extra trusted roots (PEM), for a local HTTPS receiver in development.
+    pub extra_roots_pem: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub resolver: Arc<dyn Resolver>,
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct GuardedClient {
+    http: reqwest::Client,
+    allow: AllowList,
+    timeout: Duration,
+}
+
+/// Building the client failed (bad extra CA file, TLS set-up).
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the HTTP client: {0}")]
+pub struct ClientBuildError(String);
+
+impl GuardedClient {
+    pub fn new(settings: ClientSettings) -> Result<Self, ClientBuildError> {
+        // One crypto provider for the process (ring); a second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .user_agent(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .dns_resolver(Arc::new(GuardedResolver {
+                inner: settings.resolver,
+                allow: settings.allow.clone(),
+            }));
+        if let Some(pem) = &settings.extra_roots_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientBuildError(format!("extra CA file: {e}")))?;
+            if certs.is_empty() {
+                return Err(ClientBuildError(
+                    "extra CA file holds no certificate".to_owned(),
+                ));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientBuildError(e.to_string()))?;
+        Ok(Self {
+            http,
+            allow: settings.allow,
+            timeout: settings.timeout,
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends one signed POST and classifies what happened. Never panics, never returns
+    /// an error: every way an attempt can go wrong is an [`Outcome`].
+    pub async fn send(&self, dispatch: Dispatch<'_>) -> Outcome {
+        let started = Instant::now();
+        // The stored URL passed the policy when it was saved; check it again (the
+        // allow-list may have changed) and check IP literals, which reach no resolver.
+        let url = match WebhookUrl::parse(dispatch.url, &self.allow) {
+            Ok(url) => url,
+            Err(e) => {
+                return Outcome::failed(
+                    FailureClass::BlockedAddress,
+                    e.to_string(),
+                    started.elapsed(),
+                );
+            }
+        };
+        if let Some(ip) = url.ip_literal()
+            && let Err(reason) = check_ip(ip, &self.allow)
+        {
+            return Outcome::failed(
+                FailureClass::BlockedAddress,
+                format!("address {ip} is {reason}"),
+                started.elapsed(),
+            );
+        }
+        match tokio::time::timeout(self.timeout, self.exchange(url.url().clone(), dispatch)).await {
+            Ok(mut outcome) => {
+                outcome.elapsed = started.elapsed();
+                outcome
+            }
+            Err(_) => Outcome::failed(
+                FailureClass::Timeout,
+                format!(
+                    "no complete response within {} ms",
+                    self.timeout.as_millis()
+                ),
+                started.elapsed(),
+            ),
+        }
+    }
+
+    async fn exchange(&self, url: url::Url, dispatch: Dispatch<'_>) -> Outcome {
+        let started = Instant::now();
+        let request = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("webhook-id", dispatch.msg_id)
+            .header("webhook-timestamp", dispatch.timestamp.to_string())
+            .header("webhook-signature", dispatch.signature)
+            .body(dispatch.body);
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let (class, detail) = classify_error(&e);
+                return Outcome::failed(class, detail, started.elapsed());
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut body = Vec::new();
+        let mut truncated = false;
+        // Read in chunks and stop at the cap: an endless body costs at most 64 KiB.
+        // A body that breaks off or stalls after the status line does not change the
+        // verdict: the status already arrived.
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = MAX_RESPONSE_BODY - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let failure = if (200..300).contains(&status) {
+            None
+        } else if truncated {
+            Some(FailureClass::ResponseTooLarge)
+        } else {
+            Some(FailureClass::HttpStatus)
+        };
+        Outcome {
+            status: Some(status),
+            failure,
+            detail: format!("HTTP {status}"),
+            body,
+            body_truncated: truncated,
+            elapsed: started.elapsed(),
+            retry_after,
+        }
+    }
+}
+
+/// Maps a transport error to its failure class by walking the cause chain.
+fn classify_error(error: &reqwest::Error) -> (FailureClass, String) {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(blocked) = e.downcast_ref::<Blocked>() {
+            return (FailureClass::BlockedAddress, blocked.to_string());
+        }
+        if let Some(dns) = e.downcast_ref::<DnsFailure>() {
+            return (FailureClass::Dns, dns.to_string());
+        }
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return (FailureClass::Tls, format!("TLS: {tls}"));
+        }
+        source = next_cause(e);
+    }
+    if error.is_timeout() {
+        (FailureClass::Timeout, "timed out".to_owned())
+    } else {
+        // Refused, reset, closed before a response: the endpoint could not be reached.
+        (FailureClass::Connect, chain_text(error))
+    }
+}
+
+/// The next error in the chain. A custom `io::Error` reports its inner error's *source*
+/// as its own, skipping the inner error itself (where rustls's error sits), so descend
+/// through `get_ref` instead.
+fn next_cause<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
+    match e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        Some(inner) => Some(inner as &(dyn StdError + 'static)),
+        None => e.source(),
+    }
+}
+
+fn chain_text(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = next_cause(error);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = next_cause(e);
+    }
+    text
+}

@@ -1,0 +1,418 @@
+//! The embedded SQLite store: zero set-up, one file under the data folder.
+//!
+//! SQLite allows one writer at a time. Rather than let connections fight for the write
+//! lock (and surface `SQLITE_BUSY` to callers), all writes go through a pool of exactly
+//! one connection and begin with `BEGIN IMMEDIATE`; reads use a separate pool and see a
+//! consistent snapshot thanks to WAL. `busy_timeout` covers other processes (the CLI).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    ApiKeyRecord, NewWebhook, Organization, SealedSecrets, Store, StoreError, StoreResult, Tenant,
+    TestDelivery, Webhook, WebhookPatch,
+};
+use crate::domain::apikey::Environment;
+use crate::domain::ids::{OrganizationId, WebhookId};
+use crate::domain::time::EpochMillis;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// Exactly one connection: writes queue here instead of failing with SQLITE_BUSY.
+    writer: SqlitePool,
+    /// Concurrent readers (WAL gives each a consistent snapshot).
+    readers: SqlitePool,
+}
+
+const WEBHOOK_COLUMNS: &str = "id, url, events, description, active, disabled_reason, \
+     consecutive_failures, last_success_at, created_at, updated_at";
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path` and applies migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        Self::with_options(options).await
+    }
+
+    /// Opens from a `sqlite:` URL (e.g. `sqlite://data/vignetim.db`).
+    pub async fn open_url(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        Self::with_options(options).await
+    }
+
+    async fn with_options(options: SqliteConnectOptions) -> StoreResult<Self> {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, readers })
+    }
+
+    /// Applies migrations only (the `migrate` sub-command); `open` does it too.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn fetch_webhook(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        tenant: Tenant,
+        id: WebhookId,
+    ) -> StoreResult<Option<Webhook>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks \
+             WHERE organization_id = ? AND environment = ? AND id = ? AND deleted_at IS NULL"
+        )))
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.as_ref().map(webhook_from_row).transpose()
+    }
+}
+
+fn webhook_from_row(row: &SqliteRow) -> StoreResult<Webhook> {
+    let id: String = row.try_get("id")?;
+    let events: String = row.try_get("events")?;
+    Ok(Webhook {
+        id: id
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("webhook id {id:?}")))?,
+        url: row.try_get("url")?,
+        events: serde_json::from_str(&events)
+            .map_err(|_| StoreError::Corrupt(format!("events of webhook {id}")))?,
+        description: row.try_get("description")?,
+        active: row.try_get("active")?,
+        disabled_reason: row.try_get("disabled_reason")?,
+        consecutive_failures: row.try_get("consecutive_failures")?,
+        last_success_at: row.try_get("last_success_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn events_json(events: &[String]) -> String {
+    // Serialising a Vec<String> cannot fail.
+    serde_json::to_string(events).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
+        sqlx::query("INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(org.id.to_string())
+            .bind(&org.name)
+            .bind(org.created_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn organization_exists(&self, id: OrganizationId) -> StoreResult<bool> {
+        let found = sqlx::query("SELECT 1 FROM organizations WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.readers)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn create_api_key(&self, key: &ApiKeyRecord, key_hash: &[u8]) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let org = sqlx::query("SELECT 1 FROM organizations WHERE id = ?")
+            .bind(key.organization_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if org.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (id, organization_id, environment, name, key_hash, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.to_string())
+        .bind(key.organization_id.to_string())
+        .bind(key.environment.as_str())
+        .bind(&key.name)
+        .bind(key_hash)
+        .bind(key.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query(
+            "SELECT id, organization_id, environment, name, created_at \
+             FROM api_keys WHERE key_hash = ?",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.readers)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let corrupt = |what: &str| StoreError::Corrupt(format!("api key {what}"));
+        let id: String = row.try_get("id")?;
+        let org: String = row.try_get("organization_id")?;
+        let env: String = row.try_get("environment")?;
+        Ok(Some(ApiKeyRecord {
+            id: id.parse().map_err(|_| corrupt("id"))?,
+            organization_id: org.parse().map_err(|_| corrupt("organization"))?,
+            environment: env
+                .parse::<Environment>()
+                .map_err(|_| corrupt("environment"))?,
+            name: row.try_get("name")?,
+            created_at: row.try_get("created_at")?,
+        }))
+    }
+
+    async fn create_webhook(
+        &self,
+        tenant: Tenant,
+        webhook: &NewWebhook,
+        limit: u32,
+    ) -> StoreResult<Webhook> {
+        let mut tx = self.begin_write().await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhooks \
+             WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL",
+        )
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if count >= i64::from(limit) {
+            return Err(StoreError::LimitReached);
+        }
+        sqlx::query(
+            "INSERT INTO webhooks (id, organization_id, environment, url, events, description, \
+             active, secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+        )
+        .bind(webhook.id.to_string())
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .bind(&webhook.url)
+        .bind(events_json(&webhook.events))
+        .bind(&webhook.description)
+        .bind(&webhook.sealed_secret)
+        .bind(webhook.created_at)
+        .bind(webhook.created_at)
+        .execute(&mut *tx)
+        .await?;
+        let created = self
+            .fetch_webhook(&mut tx, tenant, webhook.id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn list_webhooks(&self, tenant: Tenant) -> StoreResult<Vec<Webhook>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks \
+             WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL \
+             ORDER BY created_at DESC, id DESC"
+        )))
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(webhook_from_row).collect()
+    }
+
+    async fn get_webhook(&self, tenant: Tenant, id: WebhookId) -> StoreResult<Option<Webhook>> {
+        let mut conn = self.readers.acquire().await?;
+        self.fetch_webhook(&mut conn, tenant, id).await
+    }
+
+    async fn update_webhook(
+        &self,
+        tenant: Tenant,
+        id: WebhookId,
+        patch: &WebhookPatch,
+    ) -> StoreResult<Option<Webhook>> {
+        let mut tx = self.begin_write().await?;
+        let (set_description, description) = match &patch.description {
+            Some(d) => (true, d.clone()),
+            None => (false, None),
+        };
+        let result = sqlx::query(
+            "UPDATE webhooks SET \
+               url = COALESCE(?1, url), \
+               events = COALESCE(?2, events), \
+               description = CASE WHEN ?3 THEN ?4 ELSE description END, \
+               active = COALESCE(?5, active), \
+               disabled_reason = CASE WHEN ?5 = 1 THEN NULL ELSE disabled_reason END, \
+               consecutive_failures = CASE WHEN ?5 = 1 AND active = 0 THEN 0 \
+                                           ELSE consecutive_failures END, \
+               failing_since = CASE WHEN ?5 = 1 AND active = 0 THEN NULL ELSE failing_since END, \
+               updated_at = ?6 \
+             WHERE organization_id = ?7 AND environment = ?8 AND id = ?9 AND deleted_at IS NULL",
+        )
+        .bind(&patch.url)
+        .bind(patch.events.as_deref().map(events_json))
+        .bind(set_description)
+        .bind(description)
+        .bind(patch.active)
+        .bind(patch.updated_at)
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let updated = self.fetch_webhook(&mut tx, tenant, id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn delete_webhook(
+        &self,
+        tenant: Tenant,
+        id: WebhookId,
+        now: EpochMillis,
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE webhooks SET deleted_at = ?1, updated_at = ?1, active = 0, \
+               secret = X'', previous_secret = NULL, previous_secret_expires_at = NULL \
+             WHERE organization_id = ?2 AND environment = ?3 AND id = ?4 AND deleted_at IS NULL",
+        )
+        .bind(now)
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL, \
+               lease_until = NULL, updated_at = ?1 \
+             WHERE webhook_id = ?2 AND status IN ('pending', 'held')",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn webhook_secrets(
+        &self,
+        tenant: Tenant,
+        id: WebhookId,
+    ) -> StoreResult<Option<SealedSecrets>> {
+        let row = sqlx::query(
+            "SELECT secret, previous_secret, previous_secret_expires_at FROM webhooks \
+             WHERE organization_id = ? AND environment = ? AND id = ? AND deleted_at IS NULL",
+        )
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
+        .bind(id.to_string())
+        .fetch_optional(&self.readers)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
+        let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
+        Ok(Some(SealedSecrets {
+            current: row.try_get("secret")?,
+            previous: previous.zip(expires),
+        }))
+    }
+
+    async fn record_test_delivery(&self, tenant: Tenant, test: &TestDelivery) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let org = tenant.organization_id.to_string();
+        let env = tenant.environment.as_str();
+        let event_seq: i64 = sqlx::query_scalar(
+            "INSERT INTO events (id, organization_id, environment, type, payload, created_at) \
+             VALUES (?, ?, ?, 'webhook.test', ?, ?) RETURNING seq",
+        )
+        .bind(test.event_id.to_string())
+        .bind(&org)
+        .bind(env)
+        .bind(&test.payload)
+        .bind(test.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        let status = if test.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        sqlx::query(
+            "INSERT INTO deliveries (id, organization_id, environment, webhook_id, event_seq, \
+             status, attempt_count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+        )
+        .bind(test.delivery_id.to_string())
+        .bind(&org)
+        .bind(env)
+        .bind(test.webhook_id.to_string())
+        .bind(event_seq)
+        .bind(status)
+        .bind(test.created_at)
+        .bind(test.attempt.attempted_at)
+        .execute(&mut *tx)
+        .await?;
+        let a = &test.attempt;
+        sqlx::query(
+            "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
+             failure, response_body) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(test.delivery_id.to_string())
+        .bind(a.attempted_at)
+        .bind(a.response_time_ms)
+        .bind(a.status_code.map(i64::from))
+        .bind(&a.failure)
+        .bind(&a.response_body)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real service over HTTP, real HTTPS receivers, real SQLite.
+
+mod helpers;
+
+mod auth;
+mod errors;
+mod ops;
+mod secrets;
+mod test_call;
+mod webhooks;
