@@ -57,7 +57,7 @@ pub async fn open_store(args: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
 /// the data folder with owner-only permissions.
 pub fn load_encryption_key(args: &StoreArgs) -> anyhow::Result<EncryptionKey> {
     if let Some(text) = &args.encryption_key {
-        return EncryptionKey::parse(text)
+        return EncryptionKey::parse(text.expose())
             .map_err(|e| anyhow::anyhow!("VIGNETIM_ENCRYPTION_KEY: {e}"));
     }
     if !database_url(args).starts_with("sqlite:") {

@@ -13,6 +13,36 @@ use crate::delivery::{Resolver, SystemResolver};
 use crate::domain::event_type::Catalog;
 use crate::domain::url_policy::AllowList;
 
+/// A secret setting (admin token, encryption key). `Debug` never shows it, so a logged
+/// or printed configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The one way to read the value.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretString(redacted)")
+    }
+}
+
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
 /// Where the data lives; shared by every sub-command that opens the store.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
@@ -25,7 +55,7 @@ pub struct StoreArgs {
     /// 32-byte key (64 hex digits or base64) that seals signing secrets at rest. With
     /// SQLite and no key, one is generated into `<data-dir>/encryption.key`.
     #[arg(long, env = "VIGNETIM_ENCRYPTION_KEY", hide_env_values = true)]
-    pub encryption_key: Option<String>,
+    pub encryption_key: Option<SecretString>,
 }
 
 /// Flags of `serve`.
@@ -38,7 +68,7 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// Bearer token for the `/admin` calls; without it they answer 401.
     #[arg(long, env = "VIGNETIM_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     /// DEVELOPMENT AND TESTS ONLY: comma-separated CIDRs allowed despite the SSRF rules
     /// (e.g. `127.0.0.0/8`), at create/update and at connection time.
     #[arg(long, env = "VIGNETIM_ALLOW_PRIVATE_CIDRS", default_value = "")]
@@ -73,7 +103,7 @@ pub struct ServeArgs {
 pub struct Config {
     pub listen: SocketAddr,
     pub store: StoreArgs,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     pub allow_list: AllowList,
     /// PEM bytes of extra trusted roots, read at start.
     pub extra_roots_pem: Option<Vec<u8>>,
@@ -100,7 +130,11 @@ impl Config {
             .transpose()?;
         let catalog = Catalog::new(args.event_types.split(',').filter(|s| !s.trim().is_empty()))
             .map_err(|e| format!("VIGNETIM_EVENT_TYPES: {e}"))?;
-        if args.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        if args
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
             return Err("VIGNETIM_ADMIN_TOKEN must be at least 16 characters".to_owned());
         }
         Ok(Self {

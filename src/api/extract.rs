@@ -153,7 +153,7 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let Some(expected) = state.settings.admin_token.as_deref() else {
+        let Some(expected) = state.settings.admin_token.as_ref().map(|t| t.expose()) else {
             return Err(ApiError::Unauthorized(
                 "the admin API is disabled: no admin token is configured (VIGNETIM_ADMIN_TOKEN)",
             ));

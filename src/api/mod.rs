@@ -43,7 +43,7 @@ pub const MAX_WEBHOOKS: u32 = 10;
 pub struct ApiSettings {
     pub catalog: Catalog,
     pub allow_list: AllowList,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<crate::config::SecretString>,
 }
 
 /// Shared by every handler.

@@ -119,7 +119,7 @@ impl TestApp {
         let resolver = MapResolver::default();
         let mut config = Config::with_data_dir(dir.path().join("data"));
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.admin_token = Some(ADMIN_TOKEN.to_owned());
+        config.admin_token = Some(vignetim_webhooks::config::SecretString::new(ADMIN_TOKEN));
         config.allow_list = AllowList::parse("127.0.0.0/8").expect("cidr");
         config.extra_roots_pem = Some(pki().ca_pem.clone().into_bytes());
         config.resolver = Arc::new(resolver.clone());
