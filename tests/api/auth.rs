@@ -37,10 +37,7 @@ async fn another_organizations_webhook_is_404_like_a_missing_one() {
     let owner = app.customer().await;
     let stranger = app.customer().await;
     let receiver = TestReceiver::start().await;
-    let id = owner.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = owner.create_webhook_id(&receiver.url()).await;
     let path = format!("/webhooks/{id}");
     let missing = "/webhooks/wh-00000000-0000-4000-8000-000000000000";
     for who in [&stranger] {
@@ -86,10 +83,7 @@ async fn sandbox_and_live_are_separate_worlds() {
     assert!(live.starts_with("vgn_live_") && sandbox.starts_with("vgn_test_"));
     let customer = app.customer().await;
     let (live, sandbox) = (customer.with_key(&live), customer.with_key(&sandbox));
-    let id = live.create_webhook("https://live.example.com/x").await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = live.create_webhook_id("https://live.example.com/x").await;
     assert_eq!(
         sandbox.get(&format!("/webhooks/{id}")).await.0,
         StatusCode::NOT_FOUND

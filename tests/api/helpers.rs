@@ -249,6 +249,14 @@ impl Customer {
         body
     }
 
+    /// Creates a webhook to `url`; returns its id.
+    pub async fn create_webhook_id(&self, url: &str) -> String {
+        self.create_webhook(url).await["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
     /// Sends a test call for `id`, expecting 200; returns its body.
     pub async fn test_webhook(&self, id: &str) -> Value {
         let (status, body) = self

@@ -102,10 +102,7 @@ async fn test_call_reports_failures_without_echoing_the_body_or_counting_them() 
     let app = TestApp::spawn().await;
     let customer = app.customer().await;
     let receiver = TestReceiver::start().await;
-    let id = customer.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&receiver.url()).await;
 
     receiver.set(Respond::Status(500, "SECRET-INTERNAL-MARKER stack trace"));
     let result = customer.test_webhook(&id).await;
@@ -164,10 +161,7 @@ async fn a_hanging_endpoint_times_out_at_the_configured_limit() {
     let customer = app.customer().await;
     let receiver = TestReceiver::start().await;
     receiver.set(Respond::Hang);
-    let id = customer.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&receiver.url()).await;
     let started = Instant::now();
     let result = customer.test_webhook(&id).await;
     let took = started.elapsed();
@@ -191,10 +185,7 @@ async fn redirects_are_not_followed() {
     let customer = app.customer().await;
     let target = TestReceiver::start().await;
     let receiver = TestReceiver::start().await;
-    let id = customer.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&receiver.url()).await;
     for location in [
         target.url(),
         "https://169.254.169.254/latest/meta-data/".to_owned(),
@@ -212,10 +203,7 @@ async fn an_endless_body_is_cut_at_the_cap() {
     let app = TestApp::spawn().await;
     let customer = app.customer().await;
     let receiver = TestReceiver::start().await;
-    let id = customer.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&receiver.url()).await;
 
     receiver.set(Respond::Endless(200));
     let started = Instant::now();
@@ -254,10 +242,7 @@ async fn transport_failures_have_clear_messages_and_null_status() {
 
     // A certificate from a CA the service does not trust.
     let rogue = TestReceiver::start_with(rogue_pki(), KeepAlive::Yes).await;
-    let id = customer.create_webhook(&rogue.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&rogue.url()).await;
     let result = customer.test_webhook(&id).await;
     assert_eq!(result["statusCode"], Value::Null);
     assert!(
@@ -272,11 +257,8 @@ async fn transport_failures_have_clear_messages_and_null_status() {
         l.local_addr().expect("addr").port()
     };
     let id = customer
-        .create_webhook(&format!("https://127.0.0.1:{port}/x"))
-        .await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+        .create_webhook_id(&format!("https://127.0.0.1:{port}/x"))
+        .await;
     let result = customer.test_webhook(&id).await;
     assert_eq!(result["success"], false);
     assert_eq!(result["statusCode"], Value::Null);
@@ -287,11 +269,8 @@ async fn transport_failures_have_clear_messages_and_null_status() {
 
     // A name that does not resolve.
     let id = customer
-        .create_webhook("https://nowhere.example.com/x")
-        .await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+        .create_webhook_id("https://nowhere.example.com/x")
+        .await;
     let result = customer.test_webhook(&id).await;
     assert_eq!(result["statusCode"], Value::Null);
     assert_eq!(
@@ -310,10 +289,7 @@ async fn a_name_that_turns_private_after_creation_is_refused_at_connection_time(
     let receiver = TestReceiver::start_with(pki(), KeepAlive::No).await;
     app.resolver.set("receiver.test", &["127.0.0.1"]);
     let url = format!("https://receiver.test:{}/hook", receiver.port);
-    let id = customer.create_webhook(&url).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&url).await;
 
     // Resolves to the checked loopback address: delivered, TLS verified for the name.
     let result = customer.test_webhook(&id).await;
@@ -350,10 +326,7 @@ async fn an_ip_literal_outside_the_allow_list_is_refused_at_connection_time() {
     let receiver = TestReceiver::start().await;
     let open = TestApp::spawn().await;
     let customer = open.customer().await;
-    let id = customer.create_webhook(&receiver.url()).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = customer.create_webhook_id(&receiver.url()).await;
     let data_dir = open.data_dir.clone();
     let store_args = vignetim_webhooks::config::StoreArgs {
         database_url: None,
