@@ -30,17 +30,25 @@ def to_whsec(secret: str) -> str:
     secret = secret.strip()
     if secret.startswith("whsec_"):
         return secret
-    if not secret.startswith("whs_") or len(secret) != 4 + 64:
+    try:
+        if not secret.startswith("whs_") or len(secret) != 4 + 64:
+            raise ValueError
+        key = bytes.fromhex(secret[4:])
+    except ValueError:
         sys.exit("the secret must be whs_ followed by 64 hex digits (or whsec_...)")
-    return "whsec_" + base64.b64encode(bytes.fromhex(secret[4:])).decode()
+    return "whsec_" + base64.b64encode(key).decode()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("secret", nargs="?", default=os.environ.get("WEBHOOK_SECRET"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("RECEIVER_PORT", "8443")))
-    parser.add_argument("--cert", default=os.environ.get("RECEIVER_CERT", "cert.pem"))
-    parser.add_argument("--key", default=os.environ.get("RECEIVER_KEY", "key.pem"))
+    parser.add_argument("secret", nargs="?", default=os.environ.get("WEBHOOK_SECRET"),
+                        help="the webhook's whs_ signing secret (or set WEBHOOK_SECRET)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("RECEIVER_PORT", "8443")),
+                        help="port on 127.0.0.1 (default 8443)")
+    parser.add_argument("--cert", default=os.environ.get("RECEIVER_CERT", "cert.pem"),
+                        help="PEM certificate (default cert.pem)")
+    parser.add_argument("--key", default=os.environ.get("RECEIVER_KEY", "key.pem"),
+                        help="PEM private key (default key.pem)")
     args = parser.parse_args()
     if not args.secret:
         parser.error("pass the signing secret as an argument or in WEBHOOK_SECRET")

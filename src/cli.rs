@@ -9,12 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::admin::{new_api_key, new_organization};
-use crate::app::{Application, load_encryption_key, open_store};
-use crate::config::{Config, ServeArgs, StoreArgs};
+use crate::api::admin::{ApiKeyOut, OrganizationOut, new_api_key, new_organization};
+use crate::app::{Application, open_store};
+use crate::config::{Config, LogFormat, ServeArgs, StoreArgs};
 use crate::domain::apikey::Environment;
 use crate::domain::ids::OrganizationId;
-use crate::domain::time::format_rfc3339_millis;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,7 +85,8 @@ impl clap::ValueEnum for Environment {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_json = matches!(&cli.command, Command::Serve(args) if args.log_json);
+    let log_json =
+        matches!(&cli.command, Command::Serve(args) if args.log_format == LogFormat::Json);
     crate::telemetry::init_logging(log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -122,11 +122,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let store = open_store(&store).await?;
             let org = new_organization(store.as_ref(), name).await?;
-            print_json(&serde_json::json!({
-                "id": org.id,
-                "name": org.name,
-                "createdAt": format_rfc3339_millis(org.created_at),
-            }))
+            print_json(&OrganizationOut {
+                id: org.id,
+                name: org.name,
+                created_at: org.created_at,
+            })
         }
         Command::Key {
             command:
@@ -149,26 +149,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     }
                     other => anyhow::Error::new(other),
                 })?;
-            print_json(&serde_json::json!({
-                "id": record.id,
-                "key": key.expose(),
-                "environment": record.environment,
-                "name": record.name,
-                "createdAt": format_rfc3339_millis(record.created_at),
-            }))
+            print_json(&ApiKeyOut {
+                id: record.id,
+                key: key.expose().to_owned(),
+                environment: record.environment,
+                name: record.name,
+                created_at: record.created_at,
+            })
         }
     }
 }
 
-fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+/// Prints what the matching admin API call would answer.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args).map_err(|e| anyhow::anyhow!(e))?;
-    // Fail before binding if the key cannot be had.
-    load_encryption_key(&config.store)?;
     let app = Application::build(config)
         .await
         .context("could not start")?;

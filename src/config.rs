@@ -93,9 +93,16 @@ pub struct ServeArgs {
         default_value = "order.created,order.completed,order.failed,order.cancelled,order.refunded"
     )]
     pub event_types: String,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "VIGNETIM_LOG_JSON")]
-    pub log_json: bool,
+    /// Log format on standard error: `text` or `json` (one object per line).
+    #[arg(long, env = "VIGNETIM_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The checked configuration the service runs with.

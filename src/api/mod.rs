@@ -91,7 +91,6 @@ pub fn router(state: AppState) -> Router {
     let (customer, customer_doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(webhooks::routes())
         .merge(meta::customer_routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .split_for_parts();
     // The platform (admin token): organizations and API keys.
     let (admin, admin_doc) = admin::routes().split_for_parts();
@@ -116,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -125,11 +125,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Gives each request an id, visible to every handler (errors quote it) and returned in
-/// `X-Request-Id`.
+/// Gives each request an id, visible to every handler (errors quote it), to every log
+/// line of the request (its span), and returned in `X-Request-Id`.
 async fn request_id(request: Request, next: Next) -> Response {
+    use tracing::Instrument;
     let id = crate::domain::ids::new_request_id();
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    let mut response = REQUEST_ID
+        .scope(id.clone(), next.run(request).instrument(span))
+        .await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
@@ -162,15 +171,25 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
     response
 }
 
+/// Whether a path belongs to the customer API (API key, rate limit).
+fn is_customer_path(path: &str) -> bool {
+    path == "/webhooks" || path.starts_with("/webhooks/") || path == "/event-types"
+}
+
 /// Authenticates a customer request by its API key, applies the key's rate limit, and
-/// hands the handler its [`Tenant`]. Every response gets the `X-RateLimit-*` headers;
-/// requests without a valid key draw from a per-address bucket.
+/// hands the handler its [`Tenant`]. It runs for every customer-API path, matched or not
+/// (so a wrong method or sub-path without a key is a 401, not a 405 or 404), and every
+/// such response gets the `X-RateLimit-*` headers; requests without a valid key draw
+/// from a per-address bucket. Other paths (admin, operations) pass through.
 async fn authenticate(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    if !is_customer_path(request.uri().path()) {
+        return next.run(request).await;
+    }
     let key = extract::bearer(request.headers()).and_then(ApiKey::parse);
     let record = match key {
         Some(key) => match state.store.find_api_key(&key.hash()).await {

@@ -61,7 +61,8 @@ pub struct WebhookPatchIn {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
-    /// `false` pauses deliveries; `true` re-enables (and resets the failure count).
+    /// `false` pauses deliveries; `true` re-enables a paused or disabled webhook, clearing
+    /// `disabledReason` and resetting `consecutiveFailures` (no change if already active).
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<bool>)]
     pub active: Option<Option<bool>>,

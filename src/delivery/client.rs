@@ -210,7 +210,8 @@ impl GuardedClient {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .timeout(settings.timeout)
+            // No client-level total timeout: `send` enforces one deadline itself, so that
+            // a response whose status arrived is judged by it even if its body stalls.
             .connect_timeout(settings.timeout)
             .user_agent(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -267,23 +268,20 @@ impl GuardedClient {
                 started.elapsed(),
             );
         }
-        match tokio::time::timeout(self.timeout, self.exchange(url.url().clone(), dispatch)).await {
-            Ok(mut outcome) => {
-                outcome.elapsed = started.elapsed();
-                outcome
-            }
-            Err(_) => Outcome::failed(
-                FailureClass::Timeout,
-                format!(
-                    "no complete response within {} ms",
-                    self.timeout.as_millis()
-                ),
-                started.elapsed(),
-            ),
-        }
+        let deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        let mut outcome = self.exchange(url.url().clone(), dispatch, deadline).await;
+        outcome.elapsed = started.elapsed();
+        outcome
     }
 
-    async fn exchange(&self, url: url::Url, dispatch: Dispatch<'_>) -> Outcome {
+    /// Sends and reads the answer, all before `deadline`: no status by then is a
+    /// `timeout`; a body still arriving then is cut, and the status decides.
+    async fn exchange(
+        &self,
+        url: url::Url,
+        dispatch: Dispatch<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
         let started = Instant::now();
         let request = self
             .http
@@ -293,11 +291,18 @@ impl GuardedClient {
             .header("webhook-timestamp", dispatch.timestamp.to_string())
             .header("webhook-signature", dispatch.signature)
             .body(dispatch.body);
-        let mut response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let (class, detail) = classify_error(&e);
+        let mut response = match tokio::time::timeout_at(deadline, request.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let (class, detail) = classify_error(e);
                 return Outcome::failed(class, detail, started.elapsed());
+            }
+            Err(_) => {
+                return Outcome::failed(
+                    FailureClass::Timeout,
+                    format!("no response within {} ms", self.timeout.as_millis()),
+                    started.elapsed(),
+                );
             }
         };
         let status = response.status().as_u16();
@@ -311,7 +316,7 @@ impl GuardedClient {
         // Read in chunks and stop at the cap: an endless body costs at most 64 KiB.
         // A body that breaks off or stalls after the status line does not change the
         // verdict: the status already arrived.
-        while let Ok(Some(chunk)) = response.chunk().await {
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await {
             let room = MAX_RESPONSE_BODY - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);
@@ -339,9 +344,11 @@ impl GuardedClient {
     }
 }
 
-/// Maps a transport error to its failure class by walking the cause chain.
-fn classify_error(error: &reqwest::Error) -> (FailureClass, String) {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+/// Maps a transport error to its failure class by walking the cause chain. The URL is
+/// dropped from the text: a customer's URL may carry a token in its query.
+fn classify_error(error: reqwest::Error) -> (FailureClass, String) {
+    let error = error.without_url();
+    let mut source: Option<&(dyn StdError + 'static)> = Some(&error);
     while let Some(e) = source {
         if let Some(blocked) = e.downcast_ref::<Blocked>() {
             return (FailureClass::BlockedAddress, blocked.to_string());
@@ -358,7 +365,7 @@ fn classify_error(error: &reqwest::Error) -> (FailureClass, String) {
         (FailureClass::Timeout, "timed out".to_owned())
     } else {
         // Refused, reset, closed before a response: the endpoint could not be reached.
-        (FailureClass::Connect, chain_text(error))
+        (FailureClass::Connect, chain_text(&error))
     }
 }
 

@@ -332,9 +332,12 @@ impl Store for SqliteStore {
         sqlx::query(
             "UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL, \
                lease_until = NULL, updated_at = ?1 \
-             WHERE webhook_id = ?2 AND status IN ('pending', 'held')",
+             WHERE organization_id = ?2 AND environment = ?3 AND webhook_id = ?4 \
+               AND status IN ('pending', 'held')",
         )
         .bind(now)
+        .bind(tenant.organization_id.to_string())
+        .bind(tenant.environment.as_str())
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;

@@ -154,6 +154,47 @@ async fn framework_and_body_errors_are_json_with_the_request_id() {
 }
 
 #[tokio::test]
+async fn customer_paths_authenticate_before_routing_errors() {
+    let app = TestApp::spawn().await;
+    let key = app.customer().await.key;
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/webhooks"),
+        (
+            reqwest::Method::GET,
+            "/webhooks/wh-00000000-0000-4000-8000-000000000000/nope",
+        ),
+    ] {
+        // Without a key: 401, whatever the route would have said.
+        let response = app
+            .http
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}"
+        );
+        assert!(response.headers().contains_key("x-ratelimit-remaining"));
+        // With one: the routing error, still with the rate-limit headers.
+        let response = app
+            .http
+            .request(method.clone(), app.url(path))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send");
+        assert!(
+            [StatusCode::METHOD_NOT_ALLOWED, StatusCode::NOT_FOUND].contains(&response.status()),
+            "{method} {path}: {}",
+            response.status()
+        );
+        assert!(response.headers().contains_key("x-ratelimit-remaining"));
+    }
+}
+
+#[tokio::test]
 async fn a_body_just_under_the_cap_is_read() {
     let app = TestApp::spawn().await;
     let key = app.customer().await.key;

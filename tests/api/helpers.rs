@@ -290,6 +290,8 @@ pub enum Respond {
     Redirect(String),
     /// A 2xx or other status with an endless body.
     Endless(u16),
+    /// The status and one chunk of body, then nothing more, ever.
+    StallBody(u16),
 }
 
 /// One request a receiver got.
@@ -415,6 +417,17 @@ impl TestReceiver {
                         16 * 1024
                     ])))
                 });
+                hyper::Response::builder()
+                    .status(status)
+                    .body(ReceiverBody::Stream(StreamBody::new(Box::pin(chunks))))
+                    .expect("response")
+            }
+            Respond::StallBody(status) => {
+                use futures_util::StreamExt;
+                let chunks = futures_util::stream::once(async {
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"partial")))
+                })
+                .chain(futures_util::stream::pending());
                 hyper::Response::builder()
                     .status(status)
                     .body(ReceiverBody::Stream(StreamBody::new(Box::pin(chunks))))

@@ -180,6 +180,26 @@ async fn a_hanging_endpoint_times_out_at_the_configured_limit() {
 }
 
 #[tokio::test]
+async fn a_status_that_arrived_decides_even_when_the_body_stalls() {
+    let app = TestApp::spawn_with(|c| c.delivery_timeout = Duration::from_millis(800)).await;
+    let customer = app.customer().await;
+    let receiver = TestReceiver::start().await;
+    let id = customer.create_webhook_id(&receiver.url()).await;
+    for (status, success) in [(200, true), (503, false)] {
+        receiver.set(Respond::StallBody(status));
+        let started = Instant::now();
+        let result = customer.test_webhook(&id).await;
+        assert_eq!(result["success"], success, "{result}");
+        assert_eq!(result["statusCode"], status);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(750) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn redirects_are_not_followed() {
     let app = TestApp::spawn().await;
     let customer = app.customer().await;
