@@ -18,7 +18,9 @@ use crate::api::{self, ApiSettings, AppState};
 use crate::config::{Config, StoreArgs};
 use crate::delivery::GuardedClient;
 use crate::delivery::client::ClientSettings;
+use crate::delivery::worker::{Engine, EngineSettings, Wakeup};
 use crate::domain::sealing::EncryptionKey;
+use crate::store::DeliveryPolicy;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use crate::telemetry::Metrics;
@@ -102,6 +104,7 @@ fn write_private_file(path: &Path, content: &[u8]) -> anyhow::Result<()> {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    engine: Engine,
 }
 
 impl Application {
@@ -122,25 +125,61 @@ impl Application {
                  development and tests only"
             );
         }
+        if database_url(&config.store).starts_with("sqlite:") {
+            // An embedded database has one process: leases left over are from a process
+            // that is gone, so its deliveries go again now rather than after the lease.
+            let released = store.release_all_leases().await?;
+            if released > 0 {
+                tracing::info!(deliveries = released, "released leases of a previous run");
+            }
+        }
+        let wakeup = Wakeup::default();
+        let metrics = Metrics::new();
+        let encryption_key = Arc::new(encryption_key);
+        let engine = Engine {
+            store: Arc::clone(&store),
+            client: client.clone(),
+            key: Arc::clone(&encryption_key),
+            settings: EngineSettings {
+                policy: DeliveryPolicy {
+                    schedule: config.retry_schedule.clone(),
+                    disable_after: config.disable_after,
+                },
+                concurrency: config.delivery_concurrency.get(),
+                per_webhook: config.webhook_concurrency.get(),
+                poll_interval: config.poll_interval,
+                lease: config.delivery_timeout + Duration::from_secs(5),
+                retention: config.retention,
+            },
+            wakeup: wakeup.clone(),
+            metrics: Arc::clone(&metrics),
+        };
         let state = AppState {
             store,
             client,
-            encryption_key: Arc::new(encryption_key),
+            encryption_key,
             settings: Arc::new(ApiSettings {
                 catalog: config.catalog.clone(),
                 allow_list: config.allow_list.clone(),
                 admin_token: config.admin_token.clone(),
+                retention: config.retention,
+                max_event_data_bytes: config.max_event_data_bytes,
             }),
             limiter: Arc::new(RateLimiter::new(
                 config.rate_limit_per_second,
                 config.rate_limit_burst,
             )),
-            metrics: Metrics::new(),
+            metrics,
+            wakeup,
         };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.listen))?;
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            engine,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -150,8 +189,11 @@ impl Application {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+    /// Serves the API and runs the delivery engine until `shutdown` is cancelled; then
+    /// finishes in-flight requests and attempts.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let address = self.local_addr();
+        let engine = tokio::spawn(self.engine.run(shutdown.clone()));
         let limiter = Arc::clone(&self.state.limiter);
         let sweeper_stop = shutdown.clone();
         let sweeper = tokio::spawn(async move {
@@ -163,7 +205,7 @@ impl Application {
                 }
             }
         });
-        tracing::info!(address = %self.local_addr(), "listening");
+        tracing::info!(%address, "listening");
         let app = api::router(self.state);
         axum::serve(
             self.listener,
@@ -173,6 +215,7 @@ impl Application {
         .await
         .context("the HTTP server failed")?;
         sweeper.abort();
+        engine.await.context("the delivery engine failed")?;
         Ok(())
     }
 }

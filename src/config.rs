@@ -11,6 +11,8 @@ use clap::Args;
 
 use crate::delivery::{Resolver, SystemResolver};
 use crate::domain::event_type::Catalog;
+use crate::domain::retry::RetrySchedule;
+pub use crate::domain::time::parse_duration;
 use crate::domain::url_policy::AllowList;
 
 /// A secret setting (admin token, encryption key). `Debug` never shows it, so a logged
@@ -80,6 +82,27 @@ pub struct ServeArgs {
     /// Time limit of one delivery attempt (and of a test call), e.g. `10s`, `500ms`.
     #[arg(long, env = "VIGNETIM_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub delivery_timeout: Duration,
+    /// Delays between delivery attempts, e.g. `5s,5m,30m,2h,5h,10h,10h` (8 attempts).
+    #[arg(long, env = "VIGNETIM_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h", value_parser = RetrySchedule::parse)]
+    pub retry_schedule: RetrySchedule,
+    /// A webhook failing without a success for this long is disabled.
+    #[arg(long, env = "VIGNETIM_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    pub disable_after: Duration,
+    /// How long events, deliveries and attempts are kept (and held ones can be resumed).
+    #[arg(long, env = "VIGNETIM_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// The largest event `data` accepted, in bytes.
+    #[arg(long, env = "VIGNETIM_MAX_EVENT_DATA_BYTES", default_value = "262144")]
+    pub max_event_data_bytes: usize,
+    /// Delivery attempts in flight at once, in all.
+    #[arg(long, env = "VIGNETIM_DELIVERY_CONCURRENCY", default_value = "256")]
+    pub delivery_concurrency: NonZeroU32,
+    /// Delivery attempts in flight at once to one webhook.
+    #[arg(long, env = "VIGNETIM_WEBHOOK_CONCURRENCY", default_value = "16")]
+    pub webhook_concurrency: NonZeroU32,
+    /// How often the engine looks for due work when nothing wakes it.
+    #[arg(long, env = "VIGNETIM_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
     /// Sustained API requests per second per key.
     #[arg(long, env = "VIGNETIM_RATE_LIMIT_PER_SECOND", default_value = "20")]
     pub rate_limit_per_second: NonZeroU32,
@@ -118,6 +141,13 @@ pub struct Config {
     pub rate_limit_per_second: NonZeroU32,
     pub rate_limit_burst: NonZeroU32,
     pub catalog: Catalog,
+    pub retry_schedule: RetrySchedule,
+    pub disable_after: Duration,
+    pub retention: Duration,
+    pub max_event_data_bytes: usize,
+    pub delivery_concurrency: NonZeroU32,
+    pub webhook_concurrency: NonZeroU32,
+    pub poll_interval: Duration,
     /// How delivery resolves host names; tests inject their own.
     pub resolver: Arc<dyn Resolver>,
 }
@@ -154,6 +184,13 @@ impl Config {
             rate_limit_per_second: args.rate_limit_per_second,
             rate_limit_burst: args.rate_limit_burst,
             catalog,
+            retry_schedule: args.retry_schedule,
+            disable_after: args.disable_after,
+            retention: args.retention,
+            max_event_data_bytes: args.max_event_data_bytes,
+            delivery_concurrency: args.delivery_concurrency,
+            webhook_concurrency: args.webhook_concurrency,
+            poll_interval: args.poll_interval,
             resolver: Arc::new(SystemResolver),
         })
     }
@@ -176,51 +213,14 @@ impl Config {
             rate_limit_per_second: nz(20),
             rate_limit_burst: nz(100),
             catalog: Catalog::default(),
+            retry_schedule: RetrySchedule::default(),
+            disable_after: Duration::from_secs(5 * 86_400),
+            retention: Duration::from_secs(30 * 86_400),
+            max_event_data_bytes: 256 * 1024,
+            delivery_concurrency: nz(256),
+            webhook_concurrency: nz(16),
+            poll_interval: Duration::from_secs(1),
             resolver: Arc::new(SystemResolver),
-        }
-    }
-}
-
-/// `500ms`, `10s`, `5m`, `2h`, `5d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m, h or d"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s or 5m"))?;
-    let seconds = |mult: u64| {
-        n.checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{text:?} is too long"))
-    };
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => seconds(1),
-        "m" => seconds(60),
-        "h" => seconds(3600),
-        "d" => seconds(86_400),
-        _ => Err(format!(
-            "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
-        for bad in ["", "10", "s", "10x", "-1s", "1.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }

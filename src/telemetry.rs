@@ -5,10 +5,12 @@
 //! Architecture invariant: no secret, signature, key or payload is ever a log field.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -40,6 +42,19 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `success` or `failure`.
+    pub outcome: &'static str,
+    /// The failure class, or `none`.
+    pub failure: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The service's metrics and the registry that renders them.
@@ -47,6 +62,14 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
+    pub delivery_attempts: Family<AttemptLabels, Counter>,
+    /// From an event's publication to a 2xx from the endpoint.
+    pub publish_to_success: Histogram,
+    /// Set from the store at each scrape.
+    pub deliveries: Family<StatusLabels, Gauge>,
+    pub deliveries_due: Gauge,
+    /// The age of the oldest due delivery: alert on it (a stalled engine shows here).
+    pub oldest_due_age: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -65,10 +88,41 @@ impl Metrics {
             "API request latency by method and route template",
             http_latency.clone(),
         );
+        let delivery_attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "Delivery attempts by outcome and failure class",
+            delivery_attempts.clone(),
+        );
+        let publish_to_success = Histogram::new(exponential_buckets(0.001, 2.0, 24));
+        registry.register(
+            "delivery_publish_to_success_seconds",
+            "Time from an event's publication to a 2xx from the endpoint",
+            publish_to_success.clone(),
+        );
+        let deliveries = Family::<StatusLabels, Gauge>::default();
+        registry.register("deliveries", "Deliveries by status", deliveries.clone());
+        let deliveries_due = Gauge::default();
+        registry.register(
+            "deliveries_due",
+            "Pending deliveries whose time has come",
+            deliveries_due.clone(),
+        );
+        let oldest_due_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_due_delivery_age_seconds",
+            "Age of the oldest due delivery (0 when none is due)",
+            oldest_due_age.clone(),
+        );
         Arc::new(Self {
             registry,
             http_requests,
             http_latency,
+            delivery_attempts,
+            publish_to_success,
+            deliveries,
+            deliveries_due,
+            oldest_due_age,
         })
     }
 

@@ -48,6 +48,12 @@ pub enum ApiError {
         message: String,
         field: Option<String>,
     },
+    /// The request is valid but the resource's state forbids it now.
+    #[error("{message}")]
+    Conflict {
+        code: &'static str,
+        message: &'static str,
+    },
     #[error("rate limit exceeded")]
     RateLimited { retry_after_s: u64 },
     #[error("service unavailable: {0}")]
@@ -75,6 +81,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,6 +122,7 @@ impl ApiError {
                 message,
                 field,
             } => (*code, message.clone(), field.clone()),
+            ApiError::Conflict { code, message } => (*code, (*message).to_owned(), None),
             ApiError::RateLimited { retry_after_s } => (
                 "rate_limited",
                 format!("too many requests; retry after {retry_after_s} s"),

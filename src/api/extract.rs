@@ -57,16 +57,19 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// a valid object; bodies must be objects (serde would otherwise accept an array for a
 /// struct, field by position).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    if !value.is_object() {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::Validation {
             code: "invalid_field",
             message: "the request body must be a JSON object".to_owned(),
             field: None,
         });
     }
-    serde_path_to_error::deserialize(value).map_err(|err| {
+    // From the bytes, not from a parsed value, so fields can keep their exact text
+    // (`RawValue`: an event's `data` is delivered byte for byte).
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         json_error(&path, &inner)

@@ -51,6 +51,33 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<StatusOut>, 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // The delivery gauges are read from the store at each scrape, so they are right
+    // whichever instance did the work.
+    let now = crate::domain::time::now_millis();
+    match state.store.delivery_stats(now).await {
+        Ok(stats) => {
+            for status in crate::store::DeliveryStatus::ALL {
+                let count = stats
+                    .by_status
+                    .iter()
+                    .find(|(s, _)| *s == status)
+                    .map_or(0, |(_, n)| *n);
+                state
+                    .metrics
+                    .deliveries
+                    .get_or_create(&crate::telemetry::StatusLabels {
+                        status: status.as_str(),
+                    })
+                    .set(count);
+            }
+            state.metrics.deliveries_due.set(stats.due);
+            let age = stats
+                .oldest_due_at
+                .map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);
+            state.metrics.oldest_due_age.set(age);
+        }
+        Err(e) => tracing::error!(error = %super::error::error_chain(&e), "delivery stats failed"),
+    }
     (
         [(
             header::CONTENT_TYPE,

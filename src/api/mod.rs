@@ -5,7 +5,9 @@
 //! trait), or make outbound HTTP (only `delivery` does).
 
 pub mod admin;
+pub mod deliveries;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod meta;
 pub mod ratelimit;
@@ -44,6 +46,10 @@ pub struct ApiSettings {
     pub catalog: Catalog,
     pub allow_list: AllowList,
     pub admin_token: Option<crate::config::SecretString>,
+    /// How long the delivery log is kept; held deliveries older than this stay held.
+    pub retention: std::time::Duration,
+    /// The largest event `data` accepted, in bytes.
+    pub max_event_data_bytes: usize,
 }
 
 /// Shared by every handler.
@@ -55,6 +61,8 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     pub limiter: Arc<RateLimiter>,
     pub metrics: Arc<Metrics>,
+    /// Wakes the delivery engine when there is new work.
+    pub wakeup: crate::delivery::worker::Wakeup,
 }
 
 #[derive(OpenApi)]
@@ -90,10 +98,18 @@ pub fn router(state: AppState) -> Router {
     // Customers (API key): the published webhook-management page, and the catalog.
     let (customer, customer_doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(webhooks::routes())
+        .merge(deliveries::routes())
         .merge(meta::customer_routes())
         .split_for_parts();
     // The platform (admin token): organizations and API keys.
-    let (admin, admin_doc) = admin::routes().split_for_parts();
+    let (admin, admin_doc) = admin::routes().merge(events::routes()).split_for_parts();
+    // Event bodies may be larger than management bodies: their own cap, with room for
+    // the envelope around `data`.
+    let event_body_cap = state
+        .settings
+        .max_event_data_bytes
+        .saturating_add(64 * 1024)
+        .max(MAX_BODY_BYTES);
     // Operators and monitors (no auth): health, readiness, metrics.
     let (ops, ops_doc) = meta::ops_routes().split_for_parts();
 
@@ -104,7 +120,7 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .merge(customer)
-        .merge(admin)
+        .merge(admin.layer(DefaultBodyLimit::max(event_body_cap)))
         .merge(ops)
         .route(
             "/openapi.json",

@@ -27,7 +27,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_webhook, list_webhooks))
         .routes(routes!(get_webhook, update_webhook, delete_webhook))
         .routes(routes!(test_webhook))
+        .routes(routes!(rotate_secret))
 }
+
+/// How long the previous secret keeps signing after a rotation.
+pub const ROTATION_OVERLAP_MS: EpochMillis = 24 * 3600 * 1000;
 
 const MAX_DESCRIPTION_CHARS: usize = 500;
 const WEBHOOK_NOT_FOUND: &str = "no webhook with this id";
@@ -267,14 +271,22 @@ async fn update_webhook(
     let updated = if nothing_to_change {
         state.store.get_webhook(tenant, id).await?
     } else {
+        let now = time::now_millis();
+        let retention = i64::try_from(state.settings.retention.as_millis()).unwrap_or(i64::MAX);
         let patch = WebhookPatch {
+            resume_since: now.saturating_sub(retention),
             url: url.map(|u| u.as_str().to_owned()),
             events,
             description,
             active,
-            updated_at: time::now_millis(),
+            updated_at: now,
         };
-        state.store.update_webhook(tenant, id, &patch).await?
+        let updated = state.store.update_webhook(tenant, id, &patch).await?;
+        if active == Some(true) {
+            // What was held is pending again.
+            state.wakeup.wake();
+        }
+        updated
     };
     let updated = updated.ok_or(ApiError::NotFound(WEBHOOK_NOT_FOUND))?;
     Ok(axum::Json(updated.into()))
@@ -333,4 +345,37 @@ async fn test_webhook(
     )
     .await?;
     Ok(axum::Json(result))
+}
+
+/// Replace the signing secret. The new one is shown once; the old one keeps signing
+/// alongside it for 24 hours, so receivers can switch without losing a delivery.
+#[utoipa::path(post, path = "/webhooks/{id}/rotate-secret", tag = "webhooks", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The webhook ID")),
+    responses((status = 200, body = WebhookCreatedOut), (status = 404, body = ErrorBody)))]
+async fn rotate_secret(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<axum::Json<WebhookCreatedOut>, ApiError> {
+    let id: WebhookId = path_id(&id, WEBHOOK_NOT_FOUND)?;
+    let secret = SigningSecret::generate();
+    let now = time::now_millis();
+    let webhook = state
+        .store
+        .rotate_secret(
+            tenant,
+            id,
+            &state
+                .encryption_key
+                .seal(secret.as_bytes(), &id.to_string()),
+            now + ROTATION_OVERLAP_MS,
+            now,
+        )
+        .await?
+        .ok_or(ApiError::NotFound(WEBHOOK_NOT_FOUND))?;
+    tracing::info!(webhook = %id, organization = %tenant.organization_id, "signing secret rotated");
+    Ok(axum::Json(WebhookCreatedOut {
+        webhook: webhook.into(),
+        signing_secret: secret.expose(),
+    }))
 }

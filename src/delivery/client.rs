@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::domain::retry::parse_retry_after;
 use crate::domain::url_policy::{AllowList, BlockReason, WebhookUrl, check_ip};
 
 /// How much of a response body is read and kept.
@@ -148,8 +149,8 @@ pub struct Outcome {
     /// Whether the response body went on past what was read.
     pub body_truncated: bool,
     pub elapsed: Duration,
-    /// `Retry-After` in seconds, when the receiver sent one as a number.
-    pub retry_after: Option<u64>,
+    /// The receiver's `Retry-After` (seconds or an HTTP date), when it sent one.
+    pub retry_after: Option<Duration>,
 }
 
 impl Outcome {
@@ -310,7 +311,7 @@ impl GuardedClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         let mut body = Vec::new();
         let mut truncated = false;
         // Read in chunks and stop at the cap: an endless body costs at most 64 KiB.

@@ -6,5 +6,6 @@
 
 pub mod client;
 pub mod test_call;
+pub mod worker;
 
 pub use client::{Dispatch, FailureClass, GuardedClient, Outcome, Resolver, SystemResolver};

@@ -161,6 +161,49 @@ impl Subscription {
     }
 }
 
+/// Checks a caller-given event id: `[A-Za-z0-9_-]{1,64}` (it is signed as
+/// `{id}.{timestamp}.{body}`, so no dots).
+pub fn parse_event_id(id: &str) -> Result<String, String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err("id must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -".to_owned())
+    }
+}
+
+/// The delivered body: `{"id","type","createdAt","data"}`, with `data` copied byte for
+/// byte from what the publisher sent. Built once; every attempt sends and signs these
+/// bytes.
+pub fn event_payload(
+    id: &str,
+    event_type: &str,
+    created_at: super::time::EpochMillis,
+    data: &serde_json::value::RawValue,
+) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Payload<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        created_at: String,
+        data: &'a serde_json::value::RawValue,
+    }
+    // Serialising strings and an already-valid raw value cannot fail.
+    serde_json::to_vec(&Payload {
+        id,
+        event_type,
+        created_at: super::time::format_rfc3339_millis(created_at),
+        data,
+    })
+    .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +242,21 @@ mod tests {
         assert_eq!(
             Subscription::parse(&names(&["webhook.test"]), &catalog).map_err(|e| e.0),
             Err("unknown_event_type")
+        );
+    }
+
+    #[test]
+    fn event_ids_and_payloads() {
+        assert!(parse_event_id("order_123-A").is_ok());
+        for bad in ["", "a.b", "a b", "é", &"x".repeat(65)] {
+            assert!(parse_event_id(bad).is_err(), "{bad:?}");
+        }
+        let data = serde_json::value::RawValue::from_string(r#"{"z":1, "a":[2]}"#.to_owned())
+            .expect("raw");
+        let payload = event_payload("evt-1", "order.completed", 1_774_017_000_000, &data);
+        assert_eq!(
+            String::from_utf8(payload).expect("utf8"),
+            r#"{"id":"evt-1","type":"order.completed","createdAt":"2026-03-20T14:30:00.000Z","data":{"z":1, "a":[2]}}"#
         );
     }
 

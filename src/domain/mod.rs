@@ -8,6 +8,7 @@
 pub mod apikey;
 pub mod event_type;
 pub mod ids;
+pub mod retry;
 pub mod sealing;
 pub mod signing;
 pub mod time;

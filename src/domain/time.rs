@@ -45,6 +45,33 @@ pub mod rfc3339_millis {
     }
 }
 
+/// `500ms`, `10s`, `5m`, `2h`, `5d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m, h or d"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s or 5m"))?;
+    let seconds = |mult: u64| {
+        n.checked_mul(mult)
+            .map(std::time::Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too long"))
+    };
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +86,32 @@ mod tests {
             format_rfc3339_millis(1_774_017_000_007),
             "2026-03-20T14:30:00.007Z"
         );
+    }
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("10s"),
+            Ok(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_duration("5m"),
+            Ok(std::time::Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse_duration("2h"),
+            Ok(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_duration("5d"),
+            Ok(std::time::Duration::from_secs(432_000))
+        );
+        for bad in ["", "10", "s", "10x", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -11,8 +11,11 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
+use std::time::Duration;
+
 use crate::domain::apikey::Environment;
 use crate::domain::ids::{ApiKeyId, DeliveryId, EventId, OrganizationId, WebhookId};
+use crate::domain::retry::RetrySchedule;
 use crate::domain::time::EpochMillis;
 
 /// Who a customer request acts for: one organization in one environment.
@@ -73,11 +76,15 @@ pub struct NewWebhook {
 /// A partial update: `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct WebhookPatch {
+    /// Held deliveries created before this instant stay held when the webhook is
+    /// re-enabled (they are past the delivery log's retention).
+    pub resume_since: EpochMillis,
     pub url: Option<String>,
     pub events: Option<Vec<String>>,
     /// `Some(None)` clears the description.
     pub description: Option<Option<String>>,
-    /// Turning a webhook on also clears `disabled_reason` and resets the failure count.
+    /// Turning a webhook off holds its pending deliveries; turning it on clears
+    /// `disabled_reason`, resets the failure count and queues what was held.
     pub active: Option<bool>,
     pub updated_at: EpochMillis,
 }
@@ -114,6 +121,142 @@ pub struct TestDelivery {
     pub created_at: EpochMillis,
     pub succeeded: bool,
     pub attempt: AttemptRecord,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt (or in flight).
+    Pending,
+    Succeeded,
+    /// Every scheduled attempt failed.
+    Failed,
+    /// Kept while its webhook is inactive; queued again when it is re-enabled.
+    Held,
+    /// Its webhook was deleted before it could be delivered.
+    Cancelled,
+}
+
+impl DeliveryStatus {
+    pub const ALL: [DeliveryStatus; 5] = [
+        DeliveryStatus::Pending,
+        DeliveryStatus::Succeeded,
+        DeliveryStatus::Failed,
+        DeliveryStatus::Held,
+        DeliveryStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Succeeded => "succeeded",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Held => "held",
+            DeliveryStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// An event to publish: its payload is the exact bytes every delivery sends and signs.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The public id (`webhook-id`): the caller's, or a generated `evt-…`.
+    pub id: String,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub created_at: EpochMillis,
+}
+
+/// What publishing did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: String,
+    /// Deliveries queued (or held) for it.
+    pub deliveries: u64,
+    /// The id was already published: nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// A delivery claimed, under lease, for one attempt: everything the attempt needs.
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    pub delivery_id: DeliveryId,
+    pub tenant: Tenant,
+    pub webhook_id: WebhookId,
+    pub url: String,
+    pub secrets: SealedSecrets,
+    pub event_id: String,
+    pub event_created_at: EpochMillis,
+    pub payload: bytes::Bytes,
+    /// Attempts made before this one.
+    pub attempts_made: u32,
+}
+
+/// The outcome of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    pub delivery_id: DeliveryId,
+    pub webhook_id: WebhookId,
+    pub attempt: AttemptRecord,
+    pub succeeded: bool,
+    /// The endpoint answered 410 Gone: disable the webhook at once.
+    pub gone: bool,
+    /// The endpoint's `Retry-After` (on 429 and 503).
+    pub retry_after: Option<Duration>,
+    /// Uniform in [0, 1): this attempt's jitter draw.
+    pub jitter_draw: f64,
+}
+
+/// What the store decides with when it records an attempt.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    pub schedule: RetrySchedule,
+    /// Failing without a success this long disables the webhook.
+    pub disable_after: Duration,
+}
+
+/// A delivery as its owner sees it in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryView {
+    pub id: DeliveryId,
+    pub event_id: String,
+    pub event_type: String,
+    pub status: DeliveryStatus,
+    pub attempt_count: i64,
+    pub next_attempt_at: Option<EpochMillis>,
+    pub created_at: EpochMillis,
+}
+
+/// Keyset position in a webhook's delivery log (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    pub created_at: EpochMillis,
+    pub id: String,
+}
+
+/// The answer to a manual retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Queued(DeliveryView),
+    NotFound,
+    /// The webhook is paused or disabled: re-enable it first.
+    WebhookInactive,
+    /// An attempt is under way right now.
+    InFlight,
+}
+
+/// Counts for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryStats {
+    pub by_status: Vec<(DeliveryStatus, i64)>,
+    /// Pending deliveries whose time has come.
+    pub due: i64,
+    pub oldest_due_at: Option<EpochMillis>,
 }
 
 /// Storage failures. Only `LimitReached` and `NotFound` mean something to a caller; the
@@ -180,4 +323,93 @@ pub trait Store: Send + Sync + 'static {
     /// Records a finished test call in the delivery log. Never touches the webhook's
     /// failure counter.
     async fn record_test_delivery(&self, tenant: Tenant, test: &TestDelivery) -> StoreResult<()>;
+
+    /// Replaces the signing secret; the old one keeps signing until
+    /// `previous_expires_at`.
+    async fn rotate_secret(
+        &self,
+        tenant: Tenant,
+        id: WebhookId,
+        sealed_secret: &[u8],
+        previous_expires_at: EpochMillis,
+        now: EpochMillis,
+    ) -> StoreResult<Option<Webhook>>;
+
+    // ---- Events and deliveries ----
+
+    /// In one transaction: the event and one delivery per subscribed webhook of the
+    /// tenant (`held` for an inactive one). A public id already published by the
+    /// organization returns the first result and queues nothing.
+    async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published>;
+
+    /// Claims up to `limit` due deliveries of active webhooks under a lease until
+    /// `lease_until`, never letting a webhook exceed `per_webhook` leased deliveries.
+    async fn claim_due(
+        &self,
+        now: EpochMillis,
+        limit: u32,
+        per_webhook: u32,
+        lease_until: EpochMillis,
+    ) -> StoreResult<Vec<ClaimedDelivery>>;
+
+    /// The earliest `next_attempt_at` of a pending delivery of an active webhook.
+    async fn next_due_at(&self) -> StoreResult<Option<EpochMillis>>;
+
+    /// Records attempts (in one transaction) and decides each delivery's next state and
+    /// its webhook's counters by `policy`. Returns each delivery's new status.
+    async fn record_attempts(
+        &self,
+        reports: &[AttemptReport],
+        policy: &DeliveryPolicy,
+        now: EpochMillis,
+    ) -> StoreResult<Vec<DeliveryStatus>>;
+
+    /// Ends every lease (at start-up of the only process using an embedded database:
+    /// whatever was leased belonged to a process that is gone).
+    async fn release_all_leases(&self) -> StoreResult<u64>;
+
+    /// A webhook's delivery log, newest first, `limit` after `cursor`. `None` if there is
+    /// no such webhook.
+    async fn list_deliveries(
+        &self,
+        tenant: Tenant,
+        webhook_id: WebhookId,
+        status: Option<DeliveryStatus>,
+        cursor: Option<&DeliveryCursor>,
+        limit: u32,
+    ) -> StoreResult<Option<Vec<DeliveryView>>>;
+
+    /// One delivery with its attempts, oldest attempt first.
+    async fn get_delivery(
+        &self,
+        tenant: Tenant,
+        webhook_id: WebhookId,
+        delivery_id: DeliveryId,
+    ) -> StoreResult<Option<(DeliveryView, Vec<AttemptRecord>)>>;
+
+    /// Queues a delivery for an attempt now, whatever its status (also `failed`).
+    async fn retry_delivery(
+        &self,
+        tenant: Tenant,
+        webhook_id: WebhookId,
+        delivery_id: DeliveryId,
+        now: EpochMillis,
+    ) -> StoreResult<RetryOutcome>;
+
+    /// Queues again the failed deliveries created in `[since, until)`; returns how many
+    /// (`None` if there is no such webhook). Held if the webhook is inactive.
+    async fn recover_deliveries(
+        &self,
+        tenant: Tenant,
+        webhook_id: WebhookId,
+        since: EpochMillis,
+        until: EpochMillis,
+        now: EpochMillis,
+    ) -> StoreResult<Option<u64>>;
+
+    /// Deletes events (with their deliveries and attempts) created before `before`, and
+    /// deleted webhooks gone since before it. Returns the events removed.
+    async fn purge(&self, before: EpochMillis) -> StoreResult<u64>;
+
+    async fn delivery_stats(&self, now: EpochMillis) -> StoreResult<DeliveryStats>;
 }

@@ -1,0 +1,333 @@
+//! The delivery engine: claim due deliveries under a lease, sign and send each through
+//! the guarded client, record the outcomes in batches, and schedule what comes next.
+//!
+//! Shape: one dispatcher task claims work and spawns one task per attempt (bounded by a
+//! global semaphore; the store's claim keeps each webhook under its own cap, so a hanging
+//! endpoint holds at most its cap of attempts and never the pool); attempt tasks hand
+//! their reports to one recorder task, which writes them in batches.
+//!
+//! Architecture invariant: no database transaction is open while a request is in
+//! flight: the claim commits before the send, the record starts after it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::client::{Dispatch, FailureClass, GuardedClient};
+use super::test_call::open_secrets;
+use crate::domain::sealing::EncryptionKey;
+use crate::domain::signing::{SigningSecret, signature_header};
+use crate::domain::time::{EpochMillis, now_millis};
+use crate::store::{
+    AttemptRecord, AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, Store,
+};
+use crate::telemetry::{AttemptLabels, Metrics};
+
+/// Wakes the dispatcher: new events, retries, re-enabled webhooks, finished attempts.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    pub fn wake(&self) {
+        // `notify_one` keeps a permit when nobody waits, so a wake-up is never lost.
+        self.0.notify_one();
+    }
+}
+
+/// Engine settings, checked at start.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub policy: DeliveryPolicy,
+    /// Attempts in flight at once, in all.
+    pub concurrency: u32,
+    /// Attempts in flight at once to one webhook.
+    pub per_webhook: u32,
+    /// How often to look for due work without being woken (retries come due, other
+    /// instances publish).
+    pub poll_interval: Duration,
+    /// How long a claim lasts; longer than an attempt can take.
+    pub lease: Duration,
+    /// How long events, deliveries and attempts are kept.
+    pub retention: Duration,
+}
+
+/// See the module docs.
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub client: GuardedClient,
+    pub key: Arc<EncryptionKey>,
+    pub settings: EngineSettings,
+    pub wakeup: Wakeup,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the recorder needs besides the report.
+struct Finished {
+    report: AttemptReport,
+    event_created_at: EpochMillis,
+    failure: Option<FailureClass>,
+}
+
+const CLAIM_BATCH: u32 = 256;
+const RECORD_BATCH: usize = 512;
+
+impl Engine {
+    /// Runs until `shutdown`: then stops claiming, lets the attempts in flight finish
+    /// (each is bounded by the delivery timeout), records them, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let engine = Arc::new(self);
+        let (tx, rx) = mpsc::channel::<Finished>(engine.settings.concurrency as usize * 2);
+        let recorder = tokio::spawn(Arc::clone(&engine).record(rx));
+        let purger = tokio::spawn(Arc::clone(&engine).purge_periodically(shutdown.clone()));
+        let attempts = TaskTracker::new();
+        engine.dispatch(&shutdown, &attempts, tx).await;
+        attempts.close();
+        attempts.wait().await;
+        let _ = recorder.await;
+        purger.abort();
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+        attempts: &TaskTracker,
+        tx: mpsc::Sender<Finished>,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
+        while !shutdown.is_cancelled() {
+            // Wait for room in the pool before claiming: a claim is a promise to send.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let room = u32::try_from(permits.available_permits() + 1).unwrap_or(u32::MAX);
+            let want = room.min(CLAIM_BATCH);
+            let now = now_millis();
+            let claimed = match self
+                .store
+                .claim_due(now, want, self.settings.per_webhook, now + lease_ms)
+                .await
+            {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::error!(error = %crate::api::error::error_chain(&e), "claiming deliveries failed");
+                    drop(first);
+                    self.pause(shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let got = claimed.len();
+            let mut first = Some(first);
+            for delivery in claimed {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    // The room was counted above, so these are available at once.
+                    None => match Arc::clone(&permits).acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let engine = Arc::clone(self);
+                let tx = tx.clone();
+                attempts.spawn(async move {
+                    let finished = engine.attempt(delivery).await;
+                    drop(permit);
+                    // The recorder only stops after every attempt has finished.
+                    let _ = tx.send(finished).await;
+                });
+            }
+            drop(first);
+            if u32::try_from(got).unwrap_or(u32::MAX) < want {
+                // Nothing more is due for now: sleep until woken, until the next due
+                // time, or until the poll interval passes.
+                let wait = match self.store.next_due_at().await {
+                    Ok(Some(at)) if at > now => {
+                        Duration::from_millis(u64::try_from(at - now).unwrap_or(0))
+                            .min(self.settings.poll_interval)
+                    }
+                    _ => self.settings.poll_interval,
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wakeup.0.notified() => {},
+                    _ = tokio::time::sleep(wait) => {},
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, shutdown: &CancellationToken, how_long: Duration) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {},
+            _ = tokio::time::sleep(how_long) => {},
+        }
+    }
+
+    /// One attempt: sign the stored bytes afresh (this attempt's timestamp; both
+    /// secrets during a rotation), send, and describe what happened.
+    async fn attempt(&self, delivery: ClaimedDelivery) -> Finished {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "attempt",
+            organization = %delivery.tenant.organization_id,
+            webhook = %delivery.webhook_id,
+            delivery = %delivery.delivery_id,
+            attempt = delivery.attempts_made + 1,
+        );
+        self.attempt_in_span(delivery).instrument(span).await
+    }
+
+    async fn attempt_in_span(&self, delivery: ClaimedDelivery) -> Finished {
+        let started_at = now_millis();
+        let webhook_id = delivery.webhook_id.to_string();
+        let outcome = match open_secrets(&self.key, &webhook_id, &delivery.secrets, started_at) {
+            Ok(secrets) => {
+                let refs: Vec<&SigningSecret> = secrets.iter().collect();
+                let timestamp = started_at.div_euclid(1000);
+                let signature =
+                    signature_header(&refs, &delivery.event_id, timestamp, &delivery.payload);
+                self.client
+                    .send(Dispatch {
+                        url: &delivery.url,
+                        msg_id: &delivery.event_id,
+                        timestamp,
+                        signature,
+                        body: delivery.payload.clone(),
+                    })
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "signing secret could not be opened");
+                super::client::Outcome {
+                    status: None,
+                    failure: Some(FailureClass::Connect),
+                    detail: "signing secret could not be opened".to_owned(),
+                    body: Vec::new(),
+                    body_truncated: false,
+                    elapsed: Duration::ZERO,
+                    retry_after: None,
+                }
+            }
+        };
+        tracing::debug!(
+            status = ?outcome.status,
+            failure = outcome.failure.map(FailureClass::as_str),
+            detail = %outcome.detail,
+            "attempt finished"
+        );
+        let honours_retry_after = matches!(outcome.status, Some(429 | 503));
+        Finished {
+            report: AttemptReport {
+                delivery_id: delivery.delivery_id,
+                webhook_id: delivery.webhook_id,
+                attempt: AttemptRecord {
+                    attempted_at: started_at,
+                    response_time_ms: i64::try_from(outcome.elapsed.as_millis())
+                        .unwrap_or(i64::MAX),
+                    status_code: outcome.status,
+                    failure: outcome.failure.map(|f| f.as_str().to_owned()),
+                    response_body: (!outcome.body.is_empty()).then(|| outcome.body.clone()),
+                },
+                succeeded: outcome.succeeded(),
+                gone: outcome.status == Some(410),
+                retry_after: outcome.retry_after.filter(|_| honours_retry_after),
+                jitter_draw: jitter_draw(),
+            },
+            event_created_at: delivery.event_created_at,
+            failure: outcome.failure,
+        }
+    }
+
+    /// Writes finished attempts in batches: one transaction for whatever has queued up.
+    async fn record(self: Arc<Self>, mut rx: mpsc::Receiver<Finished>) {
+        let mut batch: Vec<Finished> = Vec::with_capacity(RECORD_BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < RECORD_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let reports: Vec<AttemptReport> = batch.iter().map(|f| f.report.clone()).collect();
+            let mut delay = Duration::from_millis(50);
+            let statuses = loop {
+                let now = now_millis();
+                match self
+                    .store
+                    .record_attempts(&reports, &self.settings.policy, now)
+                    .await
+                {
+                    Ok(statuses) => break Some((statuses, now)),
+                    Err(e) => {
+                        // The leases expire if this never succeeds, and the deliveries are
+                        // attempted again: at least once, never lost.
+                        tracing::error!(error = %crate::api::error::error_chain(&e), "recording attempts failed; retrying");
+                        if delay > Duration::from_secs(5) {
+                            break None;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            };
+            if let Some((statuses, now)) = statuses {
+                for (finished, status) in batch.iter().zip(statuses) {
+                    self.metrics
+                        .delivery_attempts
+                        .get_or_create(&AttemptLabels {
+                            outcome: if finished.report.succeeded {
+                                "success"
+                            } else {
+                                "failure"
+                            },
+                            failure: finished.failure.map_or("none", FailureClass::as_str),
+                        })
+                        .inc();
+                    if status == DeliveryStatus::Succeeded {
+                        let latency = (now - finished.event_created_at).max(0) as f64 / 1000.0;
+                        self.metrics.publish_to_success.observe(latency);
+                    }
+                }
+            }
+            batch.clear();
+            // Leases were released: deliveries held back by a per-webhook cap may go.
+            self.wakeup.wake();
+        }
+    }
+
+    async fn purge_periodically(self: Arc<Self>, shutdown: CancellationToken) {
+        let retention = i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX);
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match self
+                .store
+                .purge(now_millis().saturating_sub(retention))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "purged events past the retention"),
+                Err(e) => {
+                    tracing::error!(error = %crate::api::error::error_chain(&e), "purge failed")
+                }
+            }
+        }
+    }
+}
+
+/// Uniform in [0, 1), from the OS generator.
+fn jitter_draw() -> f64 {
+    let bits = u64::from_le_bytes(crate::domain::random_bytes::<8>()) >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
