@@ -173,3 +173,23 @@ fn message(outcome: &Outcome, client: &GuardedClient) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_previous_secret_signs_only_until_it_expires() {
+        let key = EncryptionKey::generate();
+        let (old, new) = (SigningSecret::generate(), SigningSecret::generate());
+        let sealed = SealedSecrets {
+            current: key.seal(new.as_bytes(), "wh-x"),
+            previous: Some((key.seal(old.as_bytes(), "wh-x"), 1_000)),
+        };
+        let during = open_secrets(&key, "wh-x", &sealed, 999).expect("opens");
+        assert_eq!(during, vec![old, new.clone()]);
+        let after = open_secrets(&key, "wh-x", &sealed, 1_000).expect("opens");
+        assert_eq!(after, vec![new]);
+        assert!(open_secrets(&key, "wh-y", &sealed, 0).is_err());
+    }
+}

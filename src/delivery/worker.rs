@@ -305,7 +305,12 @@ impl Engine {
 
     async fn purge_periodically(self: Arc<Self>, shutdown: CancellationToken) {
         let retention = i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX);
-        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        // Hourly, or as often as the retention itself when it is shorter.
+        let every = self
+            .settings
+            .retention
+            .clamp(Duration::from_millis(100), Duration::from_secs(3600));
+        let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

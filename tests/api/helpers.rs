@@ -185,7 +185,36 @@ impl TestApp {
             http: self.http.clone(),
             base: self.base.clone(),
             key,
+            org,
         }
+    }
+
+    /// `POST /admin/events` (sandbox); returns status and body.
+    pub async fn publish_raw(&self, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url("/admin/events"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        read(response).await
+    }
+
+    /// Publishes an event for `customer`'s organization (sandbox), expecting 202;
+    /// returns the body `{id, deliveries}`.
+    pub async fn publish(&self, customer: &Customer, event_type: &str, data: Value) -> Value {
+        let (status, body) = self
+            .publish_raw(json!({
+                "organizationId": customer.org,
+                "environment": "sandbox",
+                "type": event_type,
+                "data": data,
+            }))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body
     }
 }
 
@@ -195,6 +224,8 @@ pub struct Customer {
     pub http: reqwest::Client,
     pub base: String,
     pub key: String,
+    /// The organization the key belongs to.
+    pub org: String,
 }
 
 impl Customer {
@@ -292,6 +323,8 @@ pub enum Respond {
     Endless(u16),
     /// The status and one chunk of body, then nothing more, ever.
     StallBody(u16),
+    /// This status with a `Retry-After` header of this value.
+    RetryAfter(u16, &'static str),
 }
 
 /// One request a receiver got.
@@ -422,6 +455,11 @@ impl TestReceiver {
                     .body(ReceiverBody::Stream(StreamBody::new(Box::pin(chunks))))
                     .expect("response")
             }
+            Respond::RetryAfter(status, value) => hyper::Response::builder()
+                .status(status)
+                .header("retry-after", value)
+                .body(ReceiverBody::Full(Full::new(Bytes::new())))
+                .expect("response"),
             Respond::StallBody(status) => {
                 use futures_util::StreamExt;
                 let chunks = futures_util::stream::once(async {
@@ -472,4 +510,41 @@ impl hyper::body::Body for ReceiverBody {
             ReceiverBody::Stream(s) => Pin::new(s).poll_frame(cx),
         }
     }
+}
+
+/// Waits until `check` holds, failing after `deadline` with what `check` last saw.
+pub async fn eventually<T, F, Fut>(deadline: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks a delivered request's signature against `secret_whs` (independent HMAC) and
+/// with the official Standard Webhooks library; panics with the reason if it fails.
+pub fn assert_signed_by(request: &Received, secret_whs: &str) {
+    use base64::Engine;
+    let key = hex::decode(&secret_whs[4..]).expect("hex secret");
+    let whsec = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(&key)
+    );
+    let wh = standardwebhooks::Webhook::new(&whsec).expect("official lib takes the key");
+    let mut headers = http::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        headers.insert(name, request.headers[name].clone());
+    }
+    wh.verify(&request.body, &headers)
+        .expect("official library verifies");
 }

@@ -3,6 +3,8 @@
 mod helpers;
 
 mod auth;
+mod crash;
+mod delivery;
 mod errors;
 mod ops;
 mod secrets;

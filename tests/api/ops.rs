@@ -188,6 +188,7 @@ async fn binary_cli_and_serve_keep_secrets_out_of_logs() {
         http: http.clone(),
         base: base.clone(),
         key: key_text.clone(),
+        org: org_id.to_owned(),
     };
     let created = customer
         .create_webhook("https://yourapp.com/webhooks/vignetim")

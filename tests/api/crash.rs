@@ -1,0 +1,1 @@
+//! Crash safety and the operator CLI against the real binary (written next).
