@@ -1,0 +1,876 @@
+//! `vignetim-bench`: a reproducible delivery benchmark (not a test).
+//!
+//! It runs the service as a child process (this same executable, re-run as `serve`, so
+//! the benchmark always measures the code it was built from), a fast local HTTPS
+//! receiver (hyper + rustls, keep-alive, HTTP/1.1 and HTTP/2) and a load generator, all on
+//! this machine, and prints a table and one `RESULT {json}` line per scenario.
+//!
+//! Scenarios: `api`, `publish`, `e2e` (with the `ceiling` it is compared to), `hang10`.
+//! See BENCHMARKS.md for the method.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+const WEBHOOKS: usize = 10;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vignetim-bench",
+    about = "Delivery benchmark for Vignetim Webhooks"
+)]
+struct Args {
+    /// A short run (under 3 minutes): one repetition, shorter phases.
+    #[arg(long)]
+    quick: bool,
+    /// Storage backend of the service under test.
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Database URL for a server backend.
+    #[arg(long)]
+    database: Option<String>,
+    /// Only these scenarios (comma-separated: api,publish,e2e,hang10).
+    #[arg(long, default_value = "api,publish,e2e,hang10")]
+    scenarios: String,
+    /// Repetitions of each scenario (medians are reported); default 3, 1 with --quick.
+    #[arg(long)]
+    repeat: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    // Re-run as the service under test.
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        return vignetim_webhooks::cli::main();
+    }
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Phase lengths.
+struct Plan {
+    repeat: usize,
+    api_secs: u64,
+    publish_secs: u64,
+    e2e_events: usize,
+    latency_secs: u64,
+    hang_events: usize,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if args.backend != "sqlite" {
+        bail!(
+            "backend {:?} is not available yet (sqlite only)",
+            args.backend
+        );
+    }
+    let plan = if args.quick {
+        Plan {
+            repeat: args.repeat.unwrap_or(1),
+            api_secs: 3,
+            publish_secs: 3,
+            e2e_events: 1_000,
+            latency_secs: 5,
+            hang_events: 300,
+        }
+    } else {
+        Plan {
+            repeat: args.repeat.unwrap_or(3),
+            api_secs: 8,
+            publish_secs: 8,
+            e2e_events: 3_000,
+            latency_secs: 15,
+            hang_events: 1_000,
+        }
+    };
+    let scenarios: Vec<&str> = args.scenarios.split(',').map(str::trim).collect();
+    let work = std::env::temp_dir().join(format!("vignetim-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let pki = Pki::new()?;
+    let ca_file = work.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem)?;
+    let receiver = Receiver::start(&pki).await?;
+    println!(
+        "vignetim-bench: {} cores, backend {}, {} repetition(s)",
+        num_cpus(),
+        args.backend,
+        plan.repeat
+    );
+    let ctx = Ctx {
+        work: work.clone(),
+        ca_file,
+        receiver,
+        database: args.database.clone(),
+    };
+    let mut results: Vec<Value> = Vec::new();
+    let mut peak_rss_kib = 0u64;
+    for scenario in &scenarios {
+        let mut runs: Vec<BTreeMap<String, f64>> = Vec::new();
+        for _ in 0..plan.repeat {
+            let (figures, rss) = match *scenario {
+                "api" => scenario_api(&ctx, &plan).await?,
+                "publish" => scenario_publish(&ctx, &plan).await?,
+                "e2e" => scenario_e2e(&ctx, &plan).await?,
+                "hang10" => scenario_hang10(&ctx, &plan).await?,
+                other => bail!("unknown scenario {other:?}"),
+            };
+            peak_rss_kib = peak_rss_kib.max(rss);
+            runs.push(figures);
+        }
+        let mut line = serde_json::Map::new();
+        line.insert("scenario".into(), json!(scenario));
+        line.insert("backend".into(), json!(args.backend));
+        line.insert("runs".into(), json!(runs.len()));
+        for key in runs[0].keys() {
+            let mut values: Vec<f64> = runs.iter().filter_map(|r| r.get(key).copied()).collect();
+            line.insert(key.clone(), json!(round3(median(&mut values))));
+        }
+        print_table_row(&line);
+        println!("RESULT {}", Value::Object(line.clone()));
+        results.push(Value::Object(line));
+    }
+    println!(
+        "peak service RSS across the run: {:.1} MiB",
+        peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "RESULT {}",
+        json!({"scenario": "memory", "backend": args.backend, "peak_rss_mib": round3(peak_rss_kib as f64 / 1024.0)})
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+struct Ctx {
+    work: PathBuf,
+    ca_file: PathBuf,
+    receiver: Arc<Receiver>,
+    database: Option<String>,
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn print_table_row(line: &serde_json::Map<String, Value>) {
+    let figures: Vec<String> = line
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "scenario" | "backend"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "{:<10} {}",
+        line["scenario"].as_str().unwrap_or("?"),
+        figures.join("  ")
+    );
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------------------------
+// The service under test, as a child process.
+
+struct Service {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+    dir: PathBuf,
+}
+
+impl Service {
+    async fn start(ctx: &Ctx, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = ctx.work.join(format!("svc-{}", uuid_like()));
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("VIGNETIM_DATA_DIR", &dir)
+            .env("VIGNETIM_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("VIGNETIM_ALLOW_PRIVATE_CIDRS", "127.0.0.0/8")
+            .env("VIGNETIM_EXTRA_CA_FILE", &ctx.ca_file)
+            .env("VIGNETIM_RATE_LIMIT_PER_SECOND", "1000000")
+            .env("VIGNETIM_RATE_LIMIT_BURST", "1000000")
+            .env("RUST_LOG", "warn")
+            .env_remove("VIGNETIM_ENCRYPTION_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match &ctx.database {
+            Some(url) => command.env("VIGNETIM_DATABASE_URL", url),
+            None => command.env_remove("VIGNETIM_DATABASE_URL"),
+        };
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let child = command.spawn().context("starting the service")?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(256)
+            .build()?;
+        let base = format!("http://127.0.0.1:{port}");
+        let service = Self {
+            child,
+            base,
+            http,
+            dir,
+        };
+        for _ in 0..400 {
+            if let Ok(r) = service
+                .http
+                .get(format!("{}/readyz", service.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Ok(service);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("the service did not become ready")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU seconds the service has used.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) are space separated.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Peak resident set size (VmHWM), KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("{path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// A new organization with a sandbox key and `hooks` webhooks to the receiver's
+    /// paths `/h/{first_hook + i}`. Returns (org id, key).
+    async fn tenant(
+        &self,
+        receiver: &Receiver,
+        first_hook: usize,
+        hooks: usize,
+    ) -> anyhow::Result<(String, String)> {
+        let org = self
+            .admin_post("/admin/organizations", json!({"name": "bench"}))
+            .await?;
+        let org = org["id"].as_str().context("org id")?.to_owned();
+        let key = self
+            .admin_post(
+                &format!("/admin/organizations/{org}/api-keys"),
+                json!({"environment": "sandbox"}),
+            )
+            .await?;
+        let key = key["key"].as_str().context("key")?.to_owned();
+        for i in 0..hooks {
+            let url = format!("https://127.0.0.1:{}/h/{}", receiver.port, first_hook + i);
+            let response = self
+                .http
+                .post(format!("{}/webhooks", self.base))
+                .bearer_auth(&key)
+                .json(&json!({"url": url, "events": ["*"]}))
+                .send()
+                .await?;
+            if response.status() != reqwest::StatusCode::CREATED {
+                bail!("creating a webhook: {}", response.status());
+            }
+        }
+        Ok((org, key))
+    }
+
+    async fn publish(&self, org: &str, n: u64) -> anyhow::Result<()> {
+        let sent_at = now_micros();
+        let response = self
+            .http
+            .post(format!("{}/admin/events", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({
+                "organizationId": org,
+                "environment": "sandbox",
+                "type": "order.completed",
+                "data": {"sentAt": sent_at, "n": n, "orderId": format!("ord_{n:08}"), "amount": {"value": 4990, "currency": "EUR"}, "product": "Hungary Vignette 10 days", "plate": "B-AB 1234"},
+            }))
+            .send()
+            .await?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            bail!("publish: {}", response.status());
+        }
+        let _ = response.bytes().await;
+        Ok(())
+    }
+
+    /// Deliveries recorded as succeeded, from the service's own metrics.
+    async fn succeeded(&self) -> anyhow::Result<u64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"vignetim_deliveries{status="succeeded"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn uuid_like() -> String {
+    format!("{:x}{:x}", now_micros(), std::process::id())
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+// ---------------------------------------------------------------------------------
+// Load generation helpers.
+
+/// Runs `tasks` concurrent loops of `f` until `deadline`; returns the latencies (ms).
+async fn closed_loop<F, Fut>(tasks: usize, duration: Duration, f: F) -> anyhow::Result<Vec<f64>>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let f = Arc::new(f);
+    let end = Instant::now() + duration;
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let f = Arc::clone(&f);
+        let counter = Arc::clone(&counter);
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < end {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let start = Instant::now();
+                f(n).await?;
+                latencies.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await??);
+    }
+    Ok(all)
+}
+
+/// Publishes `events` as fast as `tasks` concurrent publishers can.
+async fn publish_all(
+    service: &Arc<Service>,
+    org: &str,
+    events: usize,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (service, next, org) = (Arc::clone(service), Arc::clone(&next), org.to_owned());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= events as u64 {
+                    break;
+                }
+                service.publish(&org, n).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok(())
+}
+
+async fn wait_until(
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while !check().await {
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
+}
+
+// ---------------------------------------------------------------------------------
+// Scenarios. Each returns its figures and the service's peak RSS (KiB).
+
+async fn scenario_api(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String, f64>, u64)> {
+    let service = Arc::new(Service::start(ctx, &[]).await?);
+    let (_, key) = service.tenant(&ctx.receiver, 0, WEBHOOKS).await?;
+    let svc = Arc::clone(&service);
+    let started = Instant::now();
+    let mut latencies = closed_loop(32, Duration::from_secs(plan.api_secs), move |_| {
+        let (svc, key) = (Arc::clone(&svc), key.clone());
+        async move {
+            let r = svc
+                .http
+                .get(format!("{}/webhooks", svc.base))
+                .bearer_auth(&key)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("GET /webhooks: {}", r.status());
+            }
+            let _ = r.bytes().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let mut figures = BTreeMap::new();
+    figures.insert("requests_per_s".into(), latencies.len() as f64 / elapsed);
+    figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
+    figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
+    Ok((figures, service.peak_rss_kib()))
+}
+
+async fn scenario_publish(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String, f64>, u64)> {
+    let mut figures = BTreeMap::new();
+    let mut rss = 0;
+    for hooks in [1usize, 10] {
+        // The receiver answers; the engine delivers meanwhile, as it would in production.
+        let service = Arc::new(Service::start(ctx, &[]).await?);
+        let (org, _) = service.tenant(&ctx.receiver, 0, hooks).await?;
+        let svc = Arc::clone(&service);
+        let started = Instant::now();
+        let latencies = closed_loop(32, Duration::from_secs(plan.publish_secs), move |n| {
+            let (svc, org) = (Arc::clone(&svc), org.clone());
+            async move { svc.publish(&org, n).await }
+        })
+        .await?;
+        let per_s = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        figures.insert(
+            format!(
+                "events_per_s_{hooks}_webhook{}",
+                if hooks == 1 { "" } else { "s" }
+            ),
+            per_s,
+        );
+        rss = rss.max(service.peak_rss_kib());
+    }
+    figures.insert("events_per_s".into(), figures["events_per_s_1_webhook"]);
+    Ok((figures, rss))
+}
+
+/// Peak end-to-end throughput to 10 webhooks, the bare-client ceiling on the same
+/// receiver in the same run, and latency at half the peak rate.
+async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String, f64>, u64)> {
+    let receiver = &ctx.receiver;
+    let service = Arc::new(Service::start(ctx, &[]).await?);
+    let (org, _) = service.tenant(receiver, 0, WEBHOOKS).await?;
+    let expected = (plan.e2e_events * WEBHOOKS) as u64;
+
+    // Peak: publish a burst, time until every delivery is received and recorded.
+    receiver.reset();
+    let cpu_before = service.cpu_seconds();
+    let started = Instant::now();
+    publish_all(&service, &org, plan.e2e_events, 16).await?;
+    let svc = Arc::clone(&service);
+    wait_until(Duration::from_secs(300), async || {
+        receiver.total() >= expected
+    })
+    .await?;
+    wait_until(Duration::from_secs(300), async || {
+        svc.succeeded().await.unwrap_or(0) >= expected
+    })
+    .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = service.cpu_seconds() - cpu_before;
+    let deliveries_per_s = expected as f64 / elapsed;
+
+    // Ceiling: a bare client, same receiver, same request count and concurrency.
+    let ceiling_per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
+
+    // Latency at half the peak rate.
+    let rate = (deliveries_per_s / 2.0 / WEBHOOKS as f64).max(1.0);
+    receiver.reset();
+    receiver.record_latency.store(true, Ordering::Relaxed);
+    let svc = Arc::clone(&service);
+    let total = (rate * plan.latency_secs as f64) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let pacer = tokio::spawn({
+        let org = org.clone();
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut tasks = Vec::new();
+            for n in 0..total {
+                tick.tick().await;
+                let (svc, org) = (Arc::clone(&svc), org.clone());
+                tasks.push(tokio::spawn(async move { svc.publish(&org, n).await }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
+        }
+    });
+    pacer.await??;
+    wait_until(Duration::from_secs(120), async || {
+        receiver.total() >= total * WEBHOOKS as u64
+    })
+    .await?;
+    receiver.record_latency.store(false, Ordering::Relaxed);
+    let mut latencies = receiver.take_latencies();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+
+    let mut figures = BTreeMap::new();
+    figures.insert("deliveries_per_s".into(), deliveries_per_s);
+    figures.insert("ceiling_per_s".into(), ceiling_per_s);
+    figures.insert("ratio".into(), deliveries_per_s / ceiling_per_s);
+    figures.insert("half_load_deliveries_per_s".into(), rate * WEBHOOKS as f64);
+    figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
+    figures.insert("p95_ms".into(), percentile(&latencies, 95.0));
+    figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
+    figures.insert("cpu_s_per_1000".into(), cpu / expected as f64 * 1000.0);
+    Ok((figures, service.peak_rss_kib()))
+}
+
+/// The receiver driven by a bare keep-alive HTTPS client: what the machine can do.
+async fn ceiling(
+    receiver: &Receiver,
+    requests: u64,
+    concurrency: usize,
+    ca_file: &Path,
+) -> anyhow::Result<f64> {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_file)?)?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([ca])
+        .build()?;
+    let body = Bytes::from(vec![b'x'; 400]);
+    receiver.reset();
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, body) = (client.clone(), Arc::clone(&next), body.clone());
+        let port = receiver.port;
+        handles.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= requests {
+                    break;
+                }
+                let r = client
+                    .post(format!(
+                        "https://127.0.0.1:{port}/h/{}",
+                        n % WEBHOOKS as u64
+                    ))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                let _ = r.bytes().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok(requests as f64 / started.elapsed().as_secs_f64())
+}
+
+/// 10 % of the webhooks hang for the whole timeout: how much of their throughput do the
+/// healthy 90 % keep?
+async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String, f64>, u64)> {
+    let receiver = &ctx.receiver;
+    let healthy = WEBHOOKS - 1;
+    let expected = (plan.hang_events * healthy) as u64;
+    let mut rates = Vec::new();
+    let mut rss = 0;
+    for with_hanging in [false, true] {
+        let service = Arc::new(Service::start(ctx, &[]).await?);
+        // Hooks 0..9 are healthy; hook 100 hangs.
+        let (org, key) = service.tenant(receiver, 0, healthy).await?;
+        if with_hanging {
+            receiver.set_hanging(100, true);
+            let url = format!("https://127.0.0.1:{}/h/100", receiver.port);
+            let r = service
+                .http
+                .post(format!("{}/webhooks", service.base))
+                .bearer_auth(&key)
+                .json(&json!({"url": url, "events": ["*"]}))
+                .send()
+                .await?;
+            if r.status() != reqwest::StatusCode::CREATED {
+                bail!("creating the hanging webhook: {}", r.status());
+            }
+        }
+        receiver.reset();
+        let started = Instant::now();
+        publish_all(&service, &org, plan.hang_events, 16).await?;
+        wait_until(Duration::from_secs(300), async || {
+            receiver.total_below(100) >= expected
+        })
+        .await?;
+        rates.push(expected as f64 / started.elapsed().as_secs_f64());
+        rss = rss.max(service.peak_rss_kib());
+        receiver.set_hanging(100, false);
+    }
+    let mut figures = BTreeMap::new();
+    figures.insert("healthy_per_s_alone".into(), rates[0]);
+    figures.insert("healthy_per_s_with_hanging".into(), rates[1]);
+    figures.insert("healthy_ratio".into(), rates[1] / rates[0]);
+    Ok((figures, rss))
+}
+
+// ---------------------------------------------------------------------------------
+// The receiver.
+
+const HOOK_SLOTS: usize = 128;
+
+struct Receiver {
+    port: u16,
+    counts: Vec<AtomicU64>,
+    hanging: Vec<AtomicBool>,
+    record_latency: AtomicBool,
+    latencies: Mutex<Vec<f64>>,
+}
+
+impl Receiver {
+    async fn start(pki: &Pki) -> anyhow::Result<Arc<Self>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = vec![CertificateDer::from_pem_slice(pki.leaf_pem.as_bytes())?];
+        let key = PrivateKeyDer::from_pem_slice(pki.leaf_key_pem.as_bytes())?;
+        let mut tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let receiver = Arc::new(Self {
+            port: listener.local_addr()?.port(),
+            counts: (0..HOOK_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hanging: (0..HOOK_SLOTS).map(|_| AtomicBool::new(false)).collect(),
+            record_latency: AtomicBool::new(false),
+            latencies: Mutex::new(Vec::new()),
+        });
+        let shared = Arc::clone(&receiver);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, shared) = (acceptor.clone(), Arc::clone(&shared));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = Arc::clone(&shared);
+                        async move { shared.handle(req).await }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        Ok(receiver)
+    }
+
+    async fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+        let hook: usize = req
+            .uri()
+            .path()
+            .strip_prefix("/h/")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+            .min(HOOK_SLOTS - 1);
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if self.hanging[hook].load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if self.record_latency.load(Ordering::Relaxed)
+            && let Some(sent_at) = sent_at(&body)
+        {
+            let ms = now_micros().saturating_sub(sent_at) as f64 / 1000.0;
+            if let Ok(mut l) = self.latencies.lock() {
+                l.push(ms);
+            }
+        }
+        self.counts[hook].fetch_add(1, Ordering::Relaxed);
+        Ok(hyper::Response::new(Full::new(Bytes::new())))
+    }
+
+    fn reset(&self) {
+        for c in &self.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+        if let Ok(mut l) = self.latencies.lock() {
+            l.clear();
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn total_below(&self, hook: usize) -> u64 {
+        self.counts[..hook]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn set_hanging(&self, hook: usize, hang: bool) {
+        self.hanging[hook].store(hang, Ordering::Relaxed);
+    }
+
+    fn take_latencies(&self) -> Vec<f64> {
+        self.latencies
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    }
+}
+
+/// `"sentAt":<micros>` from a delivered body, without parsing the whole JSON.
+fn sent_at(body: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find("\"sentAt\":")? + 9;
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------
+
+/// A CA made for this run, and a leaf for 127.0.0.1 it signed.
+struct Pki {
+    ca_pem: String,
+    leaf_pem: String,
+    leaf_key_pem: String,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate()?;
+        let leaf =
+            CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&leaf_key, &issuer)?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            leaf_pem: leaf.pem(),
+            leaf_key_pem: leaf_key.serialize_pem(),
+        })
+    }
+}
