@@ -14,13 +14,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Installs the global log subscriber. `RUST_LOG` overrides the default filter.
+/// Installs the global log subscriber, writing to standard error (standard output is for
+/// the CLI's JSON). `RUST_LOG` overrides the default filter, which keeps rustls quiet: a
+/// customer's bad certificate is a delivery outcome, not a service error.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,rustls=off,hyper=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second initialisation (tests) keeps the first subscriber.
     let _ = if json {
         builder.json().try_init()

@@ -250,6 +250,10 @@ async fn retry_delivery(
             code: "webhook_inactive",
             message: "the webhook is inactive; re-enable it (PUT {\"active\": true}) to deliver",
         }),
+        RetryOutcome::TestDelivery => Err(ApiError::Conflict {
+            code: "test_delivery",
+            message: "a test delivery is a record of a test call and is not sent again; send a new test",
+        }),
         RetryOutcome::InFlight => Err(ApiError::Conflict {
             code: "delivery_in_flight",
             message: "an attempt of this delivery is in flight right now; try again shortly",

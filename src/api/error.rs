@@ -36,8 +36,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("method not allowed")]
     MethodNotAllowed,
-    #[error("request body too large")]
-    PayloadTooLarge(usize),
+    /// The body (or an event's `data`) is over its cap; the text says which.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("unsupported media type")]
     UnsupportedMediaType,
     /// Well-formed but unacceptable input: 422 with a stable code and, where one field
@@ -107,11 +108,7 @@ impl ApiError {
                 "this method is not allowed on this path".to_owned(),
                 None,
             ),
-            ApiError::PayloadTooLarge(limit) => (
-                "payload_too_large",
-                format!("request body is larger than {limit} bytes"),
-                None,
-            ),
+            ApiError::PayloadTooLarge(what) => ("payload_too_large", what.clone(), None),
             ApiError::UnsupportedMediaType => (
                 "unsupported_media_type",
                 "request body must be JSON (Content-Type: application/json)".to_owned(),

@@ -103,21 +103,14 @@ pub async fn publish(
         ));
     }
     if data.get().len() > max_data_bytes {
-        return Err(PublishError::Invalid(ApiError::PayloadTooLarge(
-            max_data_bytes,
-        )));
+        return Err(PublishError::Invalid(ApiError::PayloadTooLarge(format!(
+            "the event's data is larger than {max_data_bytes} bytes"
+        ))));
     }
     let id = match id {
         Some(given) => parse_event_id(given).map_err(|m| invalid("invalid_event_id", m, "id"))?,
         None => EventId::new().to_string(),
     };
-    if !store
-        .organization_exists(tenant.organization_id)
-        .await
-        .map_err(PublishError::Store)?
-    {
-        return Err(PublishError::Store(StoreError::NotFound));
-    }
     let event = NewEvent {
         payload: event_payload(&id, event_type, now, data),
         id,

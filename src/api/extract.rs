@@ -26,7 +26,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
+                ApiError::PayloadTooLarge(
+                    "the request body is larger than this call accepts (1 MiB for management calls)"
+                        .to_owned(),
+                )
             } else {
                 ApiError::MalformedJson("the body could not be read".to_owned())
             }

@@ -144,9 +144,9 @@ impl Engine {
                 });
             }
             drop(first);
-            if u32::try_from(got).unwrap_or(u32::MAX) < want {
-                // Nothing more is due for now: sleep until woken, until the next due
-                // time, or until the poll interval passes.
+            if got == 0 {
+                // Nothing is due: sleep until woken, until the next due time, or until
+                // the poll interval passes.
                 let wait = match self.store.next_due_at().await {
                     Ok(Some(at)) if at > now => {
                         Duration::from_millis(u64::try_from(at - now).unwrap_or(0))
@@ -158,6 +158,14 @@ impl Engine {
                     _ = shutdown.cancelled() => break,
                     _ = self.wakeup.0.notified() => {},
                     _ = tokio::time::sleep(wait) => {},
+                }
+            } else if u32::try_from(got).unwrap_or(u32::MAX) < want {
+                // All that could be claimed was: the recorder wakes us when attempts
+                // finish (freeing per-webhook room), as does a publish.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wakeup.0.notified() => {},
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {},
                 }
             }
         }

@@ -248,6 +248,8 @@ pub enum RetryOutcome {
     WebhookInactive,
     /// An attempt is under way right now.
     InFlight,
+    /// A test call's record: it is not sent again (send a new test instead).
+    TestDelivery,
 }
 
 /// Counts for the metrics.

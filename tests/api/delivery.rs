@@ -758,3 +758,89 @@ async fn the_log_is_purged_after_the_retention() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn racing_publishes_of_one_id_deliver_once_and_a_bad_one_spoils_nothing() {
+    let app = TestApp::spawn().await;
+    let customer = app.customer().await;
+    let receiver = TestReceiver::start().await;
+    customer.create_webhook_id(&receiver.url()).await;
+    let missing_org = "org-00000000-0000-4000-8000-000000000000";
+    let tasks: Vec<_> = (0..24)
+        .map(|n| {
+            let app_url = app.url("/admin/events");
+            let http = app.http.clone();
+            let org = if n % 4 == 3 { missing_org.to_owned() } else { customer.org.clone() };
+            tokio::spawn(async move {
+                let response = http
+                    .post(app_url)
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&json!({"organizationId": org, "environment": "sandbox", "type": "order.completed", "data": {"n": n}, "id": "same-id"}))
+                    .send()
+                    .await
+                    .expect("send");
+                read(response).await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for (n, task) in tasks.into_iter().enumerate() {
+        let (status, body) = task.await.expect("task");
+        if n % 4 == 3 {
+            assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        } else {
+            assert_eq!(
+                (status, body),
+                (
+                    StatusCode::ACCEPTED,
+                    json!({"id": "same-id", "deliveries": 1})
+                )
+            );
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 18);
+    received(&receiver, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn test_deliveries_are_records_not_queue_entries() {
+    let app = TestApp::spawn_with(|c| c.retry_schedule = schedule("100ms")).await;
+    let customer = app.customer().await;
+    let receiver = TestReceiver::start().await;
+    receiver.set(Respond::Status(500, "no"));
+    let webhook = customer.create_webhook_id(&receiver.url()).await;
+    let since = chrono::Utc::now().to_rfc3339();
+    customer.test_webhook(&webhook).await;
+    let list = log(&customer, &webhook, "").await;
+    assert_eq!(list["data"][0]["eventType"], "webhook.test");
+    assert_eq!(list["data"][0]["status"], "failed");
+    let id = list["data"][0]["id"].as_str().expect("id");
+    let (status, body) = customer
+        .post(
+            &format!("/webhooks/{webhook}/deliveries/{id}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "test_delivery");
+    let (_, body) = customer
+        .post(
+            &format!("/webhooks/{webhook}/recover"),
+            json!({"since": since}),
+        )
+        .await;
+    assert_eq!(body["recovered"], 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests().len(), 1);
+    let (_, w) = customer.get(&format!("/webhooks/{webhook}")).await;
+    assert_eq!(w["consecutiveFailures"], 0);
+    // A deleted webhook's log is gone with it.
+    customer.delete(&format!("/webhooks/{webhook}")).await;
+    let (status, _) = customer
+        .get(&format!("/webhooks/{webhook}/deliveries/{id}"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

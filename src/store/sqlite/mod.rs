@@ -5,7 +5,6 @@
 //! one connection and begin with `BEGIN IMMEDIATE`; reads use a separate pool and see a
 //! consistent snapshot thanks to WAL. `busy_timeout` covers other processes (the CLI).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -25,8 +24,9 @@ use super::{
 };
 use crate::domain::apikey::Environment;
 use crate::domain::ids::{DeliveryId, OrganizationId, WebhookId};
-use crate::domain::retry::should_disable;
 use crate::domain::time::EpochMillis;
+
+mod queue;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -37,6 +37,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Concurrent readers (WAL gives each a consistent snapshot).
     readers: SqlitePool,
+    /// Publishes go through one task that commits them in groups (see `queue`).
+    publisher: queue::Publisher,
 }
 
 const WEBHOOK_COLUMNS: &str = "id, url, events, description, active, disabled_reason, \
@@ -79,7 +81,12 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, readers })
+        let publisher = queue::Publisher::spawn(writer.clone());
+        Ok(Self {
+            writer,
+            readers,
+            publisher,
+        })
     }
 
     /// Applies migrations only (the `migrate` sub-command); `open` does it too.
@@ -138,7 +145,7 @@ fn events_json(events: &[String]) -> String {
 
 /// Holds a webhook's pending deliveries that are not in flight (an in-flight one is held
 /// when its attempt is recorded).
-async fn hold_pending(
+pub(super) async fn hold_pending(
     conn: &mut sqlx::SqliteConnection,
     webhook_id: WebhookId,
     now: EpochMillis,
@@ -527,78 +534,7 @@ impl Store for SqliteStore {
     }
 
     async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published> {
-        let org = tenant.organization_id.to_string();
-        let mut tx = self.begin_write().await?;
-        let existing: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM events WHERE organization_id = ? AND id = ?")
-                .bind(&org)
-                .bind(&event.id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(seq) = existing {
-            let deliveries: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE event_seq = ?")
-                    .bind(seq)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            return Ok(Published {
-                id: event.id.clone(),
-                deliveries: u64::try_from(deliveries).unwrap_or(0),
-                duplicate: true,
-            });
-        }
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO events (id, organization_id, environment, type, payload, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
-        )
-        .bind(&event.id)
-        .bind(&org)
-        .bind(tenant.environment.as_str())
-        .bind(&event.event_type)
-        .bind(&event.payload)
-        .bind(event.created_at)
-        .fetch_one(&mut *tx)
-        .await?;
-        let webhooks: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT id, events, active FROM webhooks \
-             WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL",
-        )
-        .bind(&org)
-        .bind(tenant.environment.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut deliveries = 0u64;
-        for (webhook_id, events, active) in webhooks {
-            let names: Vec<String> = serde_json::from_str(&events)
-                .map_err(|_| StoreError::Corrupt(format!("events of webhook {webhook_id}")))?;
-            if !crate::domain::event_type::Subscription::from_stored(names)
-                .matches(&event.event_type)
-            {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO deliveries (id, organization_id, environment, webhook_id, event_seq, \
-                 status, attempt_count, next_attempt_at, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?8)",
-            )
-            .bind(DeliveryId::new().to_string())
-            .bind(&org)
-            .bind(tenant.environment.as_str())
-            .bind(&webhook_id)
-            .bind(seq)
-            .bind(if active { "pending" } else { "held" })
-            .bind(active.then_some(event.created_at))
-            .bind(event.created_at)
-            .execute(&mut *tx)
-            .await?;
-            deliveries += 1;
-        }
-        tx.commit().await?;
-        Ok(Published {
-            id: event.id.clone(),
-            deliveries,
-            duplicate: false,
-        })
+        queue::publish(&self.publisher, tenant, event.clone()).await
     }
 
     async fn claim_due(
@@ -609,81 +545,7 @@ impl Store for SqliteStore {
         lease_until: EpochMillis,
     ) -> StoreResult<Vec<ClaimedDelivery>> {
         let mut tx = self.begin_write().await?;
-        // Leased (in-flight) deliveries per webhook: a webhook at its cap is skipped, so a
-        // hanging endpoint's backlog never takes the places of healthy endpoints.
-        let in_flight: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT webhook_id, COUNT(*) FROM deliveries \
-             WHERE status = 'pending' AND lease_until > ?1 GROUP BY webhook_id",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut room: HashMap<String, i64> = in_flight
-            .into_iter()
-            .map(|(w, n)| (w, i64::from(per_webhook) - n))
-            .collect();
-        let rows = sqlx::query(
-            "SELECT d.id, d.organization_id, d.environment, d.webhook_id, d.attempt_count, \
-               e.id AS event_id, e.created_at AS event_created_at, e.payload, \
-               w.url, w.secret, w.previous_secret, w.previous_secret_expires_at \
-             FROM deliveries d \
-             JOIN events e ON e.seq = d.event_seq \
-             JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 \
-               AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
-               AND w.active = 1 AND w.deleted_at IS NULL \
-               AND d.webhook_id NOT IN (SELECT webhook_id FROM deliveries \
-                   WHERE status = 'pending' AND lease_until > ?1 \
-                   GROUP BY webhook_id HAVING COUNT(*) >= ?3) \
-             ORDER BY d.next_attempt_at \
-             LIMIT ?2",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .bind(i64::from(per_webhook))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let webhook: String = row.try_get("webhook_id")?;
-            let left = room
-                .entry(webhook.clone())
-                .or_insert(i64::from(per_webhook));
-            if *left <= 0 {
-                continue;
-            }
-            *left -= 1;
-            let id: String = row.try_get("id")?;
-            sqlx::query("UPDATE deliveries SET lease_until = ? WHERE id = ?")
-                .bind(lease_until)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
-            let org: String = row.try_get("organization_id")?;
-            let env: String = row.try_get("environment")?;
-            let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
-            let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
-            let payload: Vec<u8> = row.try_get("payload")?;
-            let attempts: i64 = row.try_get("attempt_count")?;
-            claimed.push(ClaimedDelivery {
-                delivery_id: id.parse().map_err(|_| corrupt("id"))?,
-                tenant: Tenant {
-                    organization_id: org.parse().map_err(|_| corrupt("organization"))?,
-                    environment: env.parse().map_err(|_| corrupt("environment"))?,
-                },
-                webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
-                url: row.try_get("url")?,
-                secrets: SealedSecrets {
-                    current: row.try_get("secret")?,
-                    previous: previous.zip(expires),
-                },
-                event_id: row.try_get("event_id")?,
-                event_created_at: row.try_get("event_created_at")?,
-                payload: payload.into(),
-                attempts_made: u32::try_from(attempts).unwrap_or(0),
-            });
-        }
+        let claimed = queue::claim(&mut tx, now, limit, per_webhook, lease_until).await?;
         tx.commit().await?;
         Ok(claimed)
     }
@@ -704,111 +566,7 @@ impl Store for SqliteStore {
         now: EpochMillis,
     ) -> StoreResult<Vec<DeliveryStatus>> {
         let mut tx = self.begin_write().await?;
-        let mut statuses = Vec::with_capacity(reports.len());
-        for report in reports {
-            let delivery_id = report.delivery_id.to_string();
-            let webhook_id = report.webhook_id.to_string();
-            let a = &report.attempt;
-            sqlx::query(
-                "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
-                 failure, response_body) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&delivery_id)
-            .bind(a.attempted_at)
-            .bind(a.response_time_ms)
-            .bind(a.status_code.map(i64::from))
-            .bind(&a.failure)
-            .bind(&a.response_body)
-            .execute(&mut *tx)
-            .await?;
-            let attempts: i64 = sqlx::query_scalar(
-                "UPDATE deliveries SET attempt_count = attempt_count + 1, lease_until = NULL, \
-                   updated_at = ?1 WHERE id = ?2 RETURNING attempt_count",
-            )
-            .bind(now)
-            .bind(&delivery_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let webhook: Option<(bool, Option<i64>, Option<i64>)> = sqlx::query_as(
-                "SELECT active, failing_since, deleted_at FROM webhooks WHERE id = ?",
-            )
-            .bind(&webhook_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let (active, failing_since, deleted_at) =
-                webhook.ok_or_else(|| StoreError::Corrupt(format!("webhook {webhook_id}")))?;
-            let status = if report.succeeded {
-                sqlx::query(
-                    "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL, \
-                       last_success_at = ?1 WHERE id = ?2",
-                )
-                .bind(now)
-                .bind(&webhook_id)
-                .execute(&mut *tx)
-                .await?;
-                DeliveryStatus::Succeeded
-            } else {
-                let failing_since = failing_since.unwrap_or(a.attempted_at);
-                sqlx::query(
-                    "UPDATE webhooks SET consecutive_failures = consecutive_failures + 1, \
-                       failing_since = ?1 WHERE id = ?2",
-                )
-                .bind(failing_since)
-                .bind(&webhook_id)
-                .execute(&mut *tx)
-                .await?;
-                let disable_reason = if report.gone {
-                    Some("gone")
-                } else if should_disable(failing_since, now, policy.disable_after) {
-                    Some("failing")
-                } else {
-                    None
-                };
-                if deleted_at.is_some() {
-                    DeliveryStatus::Cancelled
-                } else if let Some(reason) = disable_reason.filter(|_| active) {
-                    sqlx::query(
-                        "UPDATE webhooks SET active = 0, disabled_reason = ?1, updated_at = ?2 \
-                         WHERE id = ?3",
-                    )
-                    .bind(reason)
-                    .bind(now)
-                    .bind(&webhook_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    hold_pending(&mut tx, report.webhook_id, now).await?;
-                    DeliveryStatus::Held
-                } else if !active {
-                    DeliveryStatus::Held
-                } else {
-                    let made = u32::try_from(attempts).unwrap_or(u32::MAX);
-                    match policy
-                        .schedule
-                        .next(made, now, report.retry_after, report.jitter_draw)
-                    {
-                        Some(at) => {
-                            sqlx::query("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?")
-                                .bind(at)
-                                .bind(&delivery_id)
-                                .execute(&mut *tx)
-                                .await?;
-                            DeliveryStatus::Pending
-                        }
-                        None => DeliveryStatus::Failed,
-                    }
-                }
-            };
-            if status != DeliveryStatus::Pending {
-                sqlx::query(
-                    "UPDATE deliveries SET status = ?, next_attempt_at = NULL WHERE id = ?",
-                )
-                .bind(status.as_str())
-                .bind(&delivery_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            statuses.push(status);
-        }
+        let statuses = queue::record(&mut tx, reports, policy, now).await?;
         tx.commit().await?;
         Ok(statuses)
     }
@@ -864,6 +622,12 @@ impl Store for SqliteStore {
         delivery_id: DeliveryId,
     ) -> StoreResult<Option<(DeliveryView, Vec<AttemptRecord>)>> {
         let mut conn = self.readers.acquire().await?;
+        if webhook_active(&mut conn, tenant, webhook_id)
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{DELIVERY_VIEW} WHERE d.organization_id = ? AND d.environment = ? \
                AND d.webhook_id = ? AND d.id = ?"
@@ -909,16 +673,20 @@ impl Store for SqliteStore {
         let Some(active) = webhook_active(&mut tx, tenant, webhook_id).await? else {
             return Ok(RetryOutcome::NotFound);
         };
-        let lease: Option<Option<i64>> = sqlx::query_scalar(
-            "SELECT lease_until FROM deliveries WHERE id = ? AND webhook_id = ?",
+        let found: Option<(Option<i64>, String)> = sqlx::query_as(
+            "SELECT d.lease_until, e.type FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+             WHERE d.id = ? AND d.webhook_id = ?",
         )
         .bind(delivery_id.to_string())
         .bind(webhook_id.to_string())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(lease) = lease else {
+        let Some((lease, event_type)) = found else {
             return Ok(RetryOutcome::NotFound);
         };
+        if event_type == crate::domain::event_type::TEST_EVENT_TYPE {
+            return Ok(RetryOutcome::TestDelivery);
+        }
         if !active {
             return Ok(RetryOutcome::WebhookInactive);
         }
@@ -959,7 +727,8 @@ impl Store for SqliteStore {
         let result = sqlx::query(
             "UPDATE deliveries SET status = ?1, next_attempt_at = ?2, lease_until = NULL, \
                updated_at = ?3 \
-             WHERE webhook_id = ?4 AND status = 'failed' AND created_at >= ?5 AND created_at < ?6",
+             WHERE webhook_id = ?4 AND status = 'failed' AND created_at >= ?5 AND created_at < ?6 \
+               AND event_seq NOT IN (SELECT seq FROM events WHERE type = 'webhook.test')",
         )
         .bind(if active { "pending" } else { "held" })
         .bind(active.then_some(now))
@@ -1015,7 +784,8 @@ impl Store for SqliteStore {
             .collect();
         let (due, oldest_due_at): (i64, Option<i64>) = sqlx::query_as(
             "SELECT COUNT(*), MIN(next_attempt_at) FROM deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= ?",
+             WHERE status = 'pending' AND next_attempt_at <= ?1 \
+               AND (lease_until IS NULL OR lease_until <= ?1)",
         )
         .bind(now)
         .fetch_one(&self.readers)
