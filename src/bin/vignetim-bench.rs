@@ -46,6 +46,10 @@ struct Args {
     /// Repetitions of each scenario (medians are reported); default 3, 1 with --quick.
     #[arg(long)]
     repeat: Option<usize>,
+    /// Measure e2e latency at this many deliveries per second instead of half the peak
+    /// (for diagnosis).
+    #[arg(long)]
+    latency_rate: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
 
 /// Phase lengths.
 struct Plan {
+    latency_rate: Option<f64>,
     repeat: usize,
     api_secs: u64,
     publish_secs: u64,
@@ -93,6 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let plan = if args.quick {
         Plan {
+            latency_rate: args.latency_rate,
             repeat: args.repeat.unwrap_or(1),
             api_secs: 3,
             publish_secs: 3,
@@ -102,6 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     } else {
         Plan {
+            latency_rate: args.latency_rate,
             repeat: args.repeat.unwrap_or(3),
             api_secs: 8,
             publish_secs: 8,
@@ -238,7 +245,10 @@ impl Service {
             .env("VIGNETIM_EXTRA_CA_FILE", &ctx.ca_file)
             .env("VIGNETIM_RATE_LIMIT_PER_SECOND", "1000000")
             .env("VIGNETIM_RATE_LIMIT_BURST", "1000000")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "error".to_owned()),
+            )
             .env_remove("VIGNETIM_ENCRYPTION_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -582,7 +592,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let ceiling_per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
 
     // Latency at half the peak rate.
-    let rate = (deliveries_per_s / 2.0 / WEBHOOKS as f64).max(1.0);
+    let rate = (plan.latency_rate.unwrap_or(deliveries_per_s / 2.0) / WEBHOOKS as f64).max(1.0);
     receiver.reset();
     receiver.record_latency.store(true, Ordering::Relaxed);
     let svc = Arc::clone(&service);

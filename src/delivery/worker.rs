@@ -73,6 +73,7 @@ struct Finished {
 
 const CLAIM_BATCH: u32 = 256;
 const RECORD_BATCH: usize = 512;
+const RECORD_LINGER: Duration = Duration::from_millis(2);
 
 impl Engine {
     /// Runs until `shutdown`: then stops claiming, lets the attempts in flight finish
@@ -124,6 +125,7 @@ impl Engine {
                 }
             };
             let got = claimed.len();
+            tracing::trace!(got, want, claim_ms = now_millis() - now, "claimed");
             let mut first = Some(first);
             for delivery in claimed {
                 let permit = match first.take() {
@@ -225,6 +227,8 @@ impl Engine {
             }
         };
         tracing::debug!(
+            elapsed_ms = outcome.elapsed.as_secs_f64() * 1000.0,
+            since_publish_ms = now_millis() - delivery.event_created_at,
             status = ?outcome.status,
             failure = outcome.failure.map(FailureClass::as_str),
             detail = %outcome.detail,
@@ -257,13 +261,9 @@ impl Engine {
     async fn record(self: Arc<Self>, mut rx: mpsc::Receiver<Finished>) {
         let mut batch: Vec<Finished> = Vec::with_capacity(RECORD_BATCH);
         while let Some(first) = rx.recv().await {
-            batch.push(first);
-            while batch.len() < RECORD_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
-                }
-            }
+            // Recording a little later costs no delivery latency, and larger batches
+            // cost far less per attempt.
+            crate::batch::gather(&mut rx, first, &mut batch, RECORD_BATCH, RECORD_LINGER).await;
             let reports: Vec<AttemptReport> = batch.iter().map(|f| f.report.clone()).collect();
             let mut delay = Duration::from_millis(50);
             let statuses = loop {

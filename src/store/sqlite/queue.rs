@@ -26,6 +26,8 @@ use crate::store::{
 const ROWS_PER_STATEMENT: usize = 1_000;
 /// Publishes committed together at most.
 const PUBLISH_BATCH: usize = 256;
+/// How long a publish may wait for others to share its commit, under load.
+const PUBLISH_LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 
 struct PublishJob {
     tenant: Tenant,
@@ -71,14 +73,17 @@ pub(super) async fn publish(
 
 async fn run_publisher(writer: SqlitePool, mut rx: mpsc::Receiver<PublishJob>) {
     let mut jobs = Vec::with_capacity(PUBLISH_BATCH);
+    let mut busy = false;
     while let Some(first) = rx.recv().await {
-        jobs.push(first);
-        while jobs.len() < PUBLISH_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+        // Linger briefly only when publishes are arriving together: a lone publish is
+        // committed at once.
+        let linger = if busy {
+            PUBLISH_LINGER
+        } else {
+            std::time::Duration::ZERO
+        };
+        crate::batch::gather(&mut rx, first, &mut jobs, PUBLISH_BATCH, linger).await;
+        busy = jobs.len() > 1;
         let requests: Vec<(Tenant, &NewEvent)> =
             jobs.iter().map(|j| (j.tenant, &j.event)).collect();
         match publish_committed(&writer, &requests).await {
@@ -297,15 +302,19 @@ pub(super) async fn claim(
     per_webhook: u32,
     lease_until: EpochMillis,
 ) -> StoreResult<Vec<ClaimedDelivery>> {
-    let in_flight: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT webhook_id, COUNT(*) FROM deliveries \
-         WHERE status = 'pending' AND lease_until > ?1 GROUP BY webhook_id",
+    // Counted here rather than with GROUP BY, which makes SQLite scan the whole table by
+    // its webhook index instead of the few leased rows (seen at 3 ms per claim).
+    let leased: Vec<String> = sqlx::query_scalar(
+        "SELECT webhook_id FROM deliveries WHERE status = 'pending' AND lease_until > ?1",
     )
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;
     let cap = i64::from(per_webhook);
-    let mut room: HashMap<String, i64> = in_flight.into_iter().map(|(w, n)| (w, cap - n)).collect();
+    let mut room: HashMap<String, i64> = HashMap::new();
+    for webhook in leased {
+        *room.entry(webhook).or_insert(cap) -= 1;
+    }
     let full: Vec<String> = room
         .iter()
         .filter(|(_, left)| **left <= 0)
