@@ -5,7 +5,6 @@
 //! one connection and begin with `BEGIN IMMEDIATE`; reads use a separate pool and see a
 //! consistent snapshot thanks to WAL. `busy_timeout` covers other processes (the CLI).
 
-use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -45,37 +44,42 @@ const WEBHOOK_COLUMNS: &str = "id, url, events, description, active, disabled_re
      consecutive_failures, last_success_at, created_at, updated_at";
 
 impl SqliteStore {
-    /// Opens (creating if missing) the database file at `path` and applies migrations.
-    pub async fn open(path: &Path) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        Self::with_options(options).await
-    }
-
-    /// Opens from a `sqlite:` URL (e.g. `sqlite://data/vignetim.db`).
+    /// Opens (creating if missing) the database at a `sqlite:` URL (e.g.
+    /// `sqlite://data/vignetim.db`) and applies migrations.
     pub async fn open_url(url: &str) -> StoreResult<Self> {
+        // sqlx leaves SQLite's defaults; these are ours, each for a measured reason
+        // (BENCHMARKS.md): WAL with NORMAL sync (a commit survives a process crash, not a
+        // power cut), statement journals in memory instead of temp files, a 16 MiB page
+        // cache. Checkpoints: see `with_options`.
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("journal_size_limit", "67108864")
+            .pragma("cache_size", "-16384");
         Self::with_options(options).await
     }
 
     async fn with_options(options: SqliteConnectOptions) -> StoreResult<Self> {
+        // The writer never checkpoints in its commit path (an automatic checkpoint copies
+        // the WAL and fsyncs while every write waits: the p99 spikes of the benchmark); a
+        // background connection checkpoints instead, without blocking the writer. The
+        // large automatic limit is only a backstop should that task fall behind.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "100000"))
             .await?;
         MIGRATOR.run(&writer).await?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        tokio::spawn(checkpoint_periodically(checkpointer));
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -141,6 +145,22 @@ fn webhook_from_row(row: &SqliteRow) -> StoreResult<Webhook> {
 fn events_json(events: &[String]) -> String {
     // Serialising a Vec<String> cannot fail.
     serde_json::to_string(events).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Copies the WAL back into the database twice a second, from its own connection, so
+/// that the writer never does it while others wait (PASSIVE: it never blocks a writer).
+async fn checkpoint_periodically(conn: SqlitePool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
 }
 
 /// Holds a webhook's pending deliveries that are not in flight (an in-flight one is held
