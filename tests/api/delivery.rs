@@ -24,6 +24,16 @@ async fn received(receiver: &TestReceiver, n: usize) -> Vec<Received> {
     .await
 }
 
+/// `POST …/deliveries/{id}/retry`.
+async fn retry(customer: &Customer, webhook: &str, delivery: &str) -> (StatusCode, Value) {
+    customer
+        .post(
+            &format!("/webhooks/{webhook}/deliveries/{delivery}/retry"),
+            json!({}),
+        )
+        .await
+}
+
 /// The delivery log of a webhook.
 async fn log(customer: &Customer, webhook: &str, query: &str) -> Value {
     let (status, body) = customer
@@ -180,12 +190,7 @@ async fn failures_retry_on_schedule_with_the_same_id_then_fail_and_a_manual_retr
     // A manual retry sends now, also for a failed delivery.
     receiver.set(Respond::Status(200, "ok"));
     let delivery = detail["id"].as_str().expect("id");
-    let (status, queued) = customer
-        .post(
-            &format!("/webhooks/{webhook}/deliveries/{delivery}/retry"),
-            json!({}),
-        )
-        .await;
+    let (status, queued) = retry(&customer, &webhook, delivery).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     assert_eq!(queued["status"], "pending");
     let done = delivery_with_status(&customer, &webhook, "succeeded").await;
@@ -250,12 +255,7 @@ async fn gone_disables_at_once_and_held_events_arrive_after_re_enabling() {
     assert_eq!(list["data"].as_array().expect("data").len(), 2);
     // A manual retry of a held delivery is refused while the webhook is off.
     let id = list["data"][0]["id"].as_str().expect("id");
-    let (status, body) = customer
-        .post(
-            &format!("/webhooks/{webhook}/deliveries/{id}/retry"),
-            json!({}),
-        )
-        .await;
+    let (status, body) = retry(&customer, &webhook, id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "webhook_inactive");
 
@@ -589,12 +589,7 @@ async fn the_delivery_log_pages_filters_and_stays_private() {
     ] {
         assert_eq!(stranger.get(&path).await.0, StatusCode::NOT_FOUND, "{path}");
     }
-    let (status, _) = stranger
-        .post(
-            &format!("/webhooks/{webhook}/deliveries/{delivery}/retry"),
-            json!({}),
-        )
-        .await;
+    let (status, _) = retry(&stranger, &webhook, &delivery).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = stranger
         .post(
@@ -818,12 +813,7 @@ async fn test_deliveries_are_records_not_queue_entries() {
     assert_eq!(list["data"][0]["eventType"], "webhook.test");
     assert_eq!(list["data"][0]["status"], "failed");
     let id = list["data"][0]["id"].as_str().expect("id");
-    let (status, body) = customer
-        .post(
-            &format!("/webhooks/{webhook}/deliveries/{id}/retry"),
-            json!({}),
-        )
-        .await;
+    let (status, body) = retry(&customer, &webhook, id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "test_delivery");
     let (_, body) = customer
