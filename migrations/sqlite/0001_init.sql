@@ -45,7 +45,8 @@ CREATE INDEX webhooks_by_tenant ON webhooks (organization_id, environment, creat
 
 CREATE TABLE events (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    -- The public id, sent as webhook-id; unique per organization (idempotent publish).
+    -- The public id, sent as webhook-id; unique per organization and environment
+    -- (idempotent publish; sandbox and live are separate worlds).
     id              TEXT NOT NULL,
     organization_id TEXT NOT NULL REFERENCES organizations (id),
     environment     TEXT NOT NULL,
@@ -53,8 +54,10 @@ CREATE TABLE events (
     -- The exact bytes delivered and signed.
     payload         BLOB NOT NULL,
     created_at      INTEGER NOT NULL,
-    UNIQUE (organization_id, id)
+    UNIQUE (organization_id, environment, id)
 );
+-- The retention purge walks events by age.
+CREATE INDEX events_by_age ON events (created_at);
 
 CREATE TABLE deliveries (
     id              TEXT PRIMARY KEY,
@@ -71,6 +74,9 @@ CREATE TABLE deliveries (
     updated_at      INTEGER NOT NULL
 );
 CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, created_at);
+-- An event's deliveries (duplicate publishes count them; the purge and the foreign key
+-- from deliveries to events would otherwise scan the table).
+CREATE INDEX deliveries_by_event ON deliveries (event_seq);
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
 
 CREATE TABLE attempts (

@@ -146,8 +146,6 @@ pub struct Outcome {
     pub detail: String,
     /// At most [`MAX_RESPONSE_BODY`] bytes.
     pub body: Vec<u8>,
-    /// Whether the response body went on past what was read.
-    pub body_truncated: bool,
     pub elapsed: Duration,
     /// The receiver's `Retry-After` (seconds or an HTTP date), when it sent one.
     pub retry_after: Option<Duration>,
@@ -158,13 +156,26 @@ impl Outcome {
         self.failure.is_none()
     }
 
+    /// The attempt as the delivery log keeps it.
+    pub fn into_record(
+        self,
+        attempted_at: crate::domain::time::EpochMillis,
+    ) -> crate::store::AttemptRecord {
+        crate::store::AttemptRecord {
+            attempted_at,
+            response_time_ms: i64::try_from(self.elapsed.as_millis()).unwrap_or(i64::MAX),
+            status_code: self.status,
+            failure: self.failure.map(|f| f.as_str().to_owned()),
+            response_body: (!self.body.is_empty()).then_some(self.body),
+        }
+    }
+
     fn failed(class: FailureClass, detail: String, elapsed: Duration) -> Self {
         Self {
             status: None,
             failure: Some(class),
             detail,
             body: Vec::new(),
-            body_truncated: false,
             elapsed,
             retry_after: None,
         }
@@ -249,7 +260,8 @@ impl GuardedClient {
     pub async fn send(&self, dispatch: Dispatch<'_>) -> Outcome {
         let started = Instant::now();
         // The stored URL passed the policy when it was saved; check it again (the
-        // allow-list may have changed) and check IP literals, which reach no resolver.
+        // allow-list may have changed). `WebhookUrl::parse` judges IP-literal hosts against
+        // the same allow-list: they never reach the resolver, so this is their check.
         let url = match WebhookUrl::parse(dispatch.url, &self.allow) {
             Ok(url) => url,
             Err(e) => {
@@ -260,15 +272,6 @@ impl GuardedClient {
                 );
             }
         };
-        if let Some(ip) = url.ip_literal()
-            && let Err(reason) = check_ip(ip, &self.allow)
-        {
-            return Outcome::failed(
-                FailureClass::BlockedAddress,
-                format!("address {ip} is {reason}"),
-                started.elapsed(),
-            );
-        }
         let deadline = tokio::time::Instant::from_std(started) + self.timeout;
         let mut outcome = self.exchange(url.url().clone(), dispatch, deadline).await;
         outcome.elapsed = started.elapsed();
@@ -338,7 +341,6 @@ impl GuardedClient {
             failure,
             detail: format!("HTTP {status}"),
             body,
-            body_truncated: truncated,
             elapsed: started.elapsed(),
             retry_after,
         }

@@ -13,9 +13,7 @@ use crate::domain::ids::{DeliveryId, EventId};
 use crate::domain::sealing::EncryptionKey;
 use crate::domain::signing::{SigningSecret, signature_header};
 use crate::domain::time::{EpochMillis, format_rfc3339_millis};
-use crate::store::{
-    AttemptRecord, SealedSecrets, Store, StoreError, Tenant, TestDelivery, Webhook,
-};
+use crate::store::{SealedSecrets, Store, StoreError, Tenant, TestDelivery, Webhook};
 
 /// The test call's answer, exactly as the published page shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -119,6 +117,12 @@ pub async fn run(
         response_time,
         "test delivery"
     );
+    let result = TestResult {
+        success: outcome.succeeded(),
+        status_code: outcome.status,
+        response_time,
+        message: message(&outcome, client),
+    };
     store
         .record_test_delivery(
             tenant,
@@ -128,34 +132,20 @@ pub async fn run(
                 webhook_id: webhook.id,
                 payload,
                 created_at: now,
-                succeeded: outcome.succeeded(),
-                attempt: AttemptRecord {
-                    attempted_at: now,
-                    response_time_ms: i64::try_from(response_time).unwrap_or(i64::MAX),
-                    status_code: outcome.status,
-                    failure: outcome.failure.map(|f| f.as_str().to_owned()),
-                    response_body: (!outcome.body.is_empty()).then(|| outcome.body.clone()),
-                },
+                succeeded: result.success,
+                attempt: outcome.into_record(now),
             },
         )
         .await?;
-    Ok(TestResult {
-        success: outcome.succeeded(),
-        status_code: outcome.status,
-        response_time,
-        message: message(&outcome, client),
-    })
+    Ok(result)
 }
 
 fn message(outcome: &Outcome, client: &GuardedClient) -> String {
     match outcome.failure {
         None => "Test webhook delivered successfully".to_owned(),
-        Some(FailureClass::HttpStatus) => {
+        // The published page's exact text for every non-2xx answer.
+        Some(FailureClass::HttpStatus | FailureClass::ResponseTooLarge) => {
             "Webhook endpoint returned non-2xx status code".to_owned()
-        }
-        Some(FailureClass::ResponseTooLarge) => {
-            "Webhook endpoint returned non-2xx status code (with a response body over 64 KiB)"
-                .to_owned()
         }
         Some(FailureClass::Timeout) => format!(
             "Webhook endpoint did not respond within {} seconds",

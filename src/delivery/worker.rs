@@ -21,9 +21,7 @@ use super::test_call::open_secrets;
 use crate::domain::sealing::EncryptionKey;
 use crate::domain::signing::{SigningSecret, signature_header};
 use crate::domain::time::{EpochMillis, now_millis};
-use crate::store::{
-    AttemptRecord, AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, Store,
-};
+use crate::store::{AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, Store};
 use crate::telemetry::{AttemptLabels, Metrics};
 
 /// Wakes the dispatcher: new events, retries, re-enabled webhooks, finished attempts.
@@ -197,6 +195,7 @@ impl Engine {
     async fn attempt_in_span(&self, delivery: ClaimedDelivery) -> Finished {
         let started_at = now_millis();
         let webhook_id = delivery.webhook_id.to_string();
+        let mut internal_error = false;
         let outcome = match open_secrets(&self.key, &webhook_id, &delivery.secrets, started_at) {
             Ok(secrets) => {
                 let refs: Vec<&SigningSecret> = secrets.iter().collect();
@@ -214,13 +213,15 @@ impl Engine {
                     .await
             }
             Err(e) => {
-                tracing::error!(error = %e, "signing secret could not be opened");
+                // Our fault (e.g. the wrong encryption key), not the endpoint's: nothing is
+                // sent and nothing counts against it; the recorder retries it later.
+                tracing::error!(error = %e, "signing secret could not be opened; delivery postponed");
+                internal_error = true;
                 super::client::Outcome {
                     status: None,
                     failure: Some(FailureClass::Connect),
                     detail: "signing secret could not be opened".to_owned(),
                     body: Vec::new(),
-                    body_truncated: false,
                     elapsed: Duration::ZERO,
                     retry_after: None,
                 }
@@ -235,25 +236,21 @@ impl Engine {
             "attempt finished"
         );
         let honours_retry_after = matches!(outcome.status, Some(429 | 503));
+        let failure = outcome.failure;
         Finished {
             report: AttemptReport {
                 delivery_id: delivery.delivery_id,
                 webhook_id: delivery.webhook_id,
-                attempt: AttemptRecord {
-                    attempted_at: started_at,
-                    response_time_ms: i64::try_from(outcome.elapsed.as_millis())
-                        .unwrap_or(i64::MAX),
-                    status_code: outcome.status,
-                    failure: outcome.failure.map(|f| f.as_str().to_owned()),
-                    response_body: (!outcome.body.is_empty()).then(|| outcome.body.clone()),
-                },
                 succeeded: outcome.succeeded(),
                 gone: outcome.status == Some(410),
                 retry_after: outcome.retry_after.filter(|_| honours_retry_after),
                 jitter_draw: jitter_draw(),
+                lease_until: delivery.lease_until,
+                internal_error,
+                attempt: outcome.into_record(started_at),
             },
             event_created_at: delivery.event_created_at,
-            failure: outcome.failure,
+            failure,
         }
     }
 
@@ -264,7 +261,18 @@ impl Engine {
             // Recording a little later costs no delivery latency, and larger batches
             // cost far less per attempt.
             crate::batch::gather(&mut rx, first, &mut batch, RECORD_BATCH, RECORD_LINGER).await;
-            let reports: Vec<AttemptReport> = batch.iter().map(|f| f.report.clone()).collect();
+            let (reports, seen): (Vec<AttemptReport>, Vec<_>) = batch
+                .drain(..)
+                .map(|f| {
+                    let seen = (
+                        f.event_created_at,
+                        f.failure,
+                        f.report.succeeded,
+                        f.report.internal_error,
+                    );
+                    (f.report, seen)
+                })
+                .unzip();
             let mut delay = Duration::from_millis(50);
             let statuses = loop {
                 let now = now_millis();
@@ -287,25 +295,25 @@ impl Engine {
                 }
             };
             if let Some((statuses, now)) = statuses {
-                for (finished, status) in batch.iter().zip(statuses) {
+                for ((created_at, failure, succeeded, internal), status) in
+                    seen.into_iter().zip(statuses)
+                {
+                    if internal {
+                        continue; // nothing was sent
+                    }
                     self.metrics
                         .delivery_attempts
                         .get_or_create(&AttemptLabels {
-                            outcome: if finished.report.succeeded {
-                                "success"
-                            } else {
-                                "failure"
-                            },
-                            failure: finished.failure.map_or("none", FailureClass::as_str),
+                            outcome: if succeeded { "success" } else { "failure" },
+                            failure: failure.map_or("none", FailureClass::as_str),
                         })
                         .inc();
-                    if status == DeliveryStatus::Succeeded {
-                        let latency = (now - finished.event_created_at).max(0) as f64 / 1000.0;
+                    if succeeded && status == DeliveryStatus::Succeeded {
+                        let latency = (now - created_at).max(0) as f64 / 1000.0;
                         self.metrics.publish_to_success.observe(latency);
                     }
                 }
             }
-            batch.clear();
             // Leases were released: deliveries held back by a per-webhook cap may go.
             self.wakeup.wake();
         }

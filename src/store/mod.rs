@@ -195,6 +195,8 @@ pub struct ClaimedDelivery {
     pub payload: bytes::Bytes,
     /// Attempts made before this one.
     pub attempts_made: u32,
+    /// The lease this claim holds; the outcome is recorded only while it is current.
+    pub lease_until: EpochMillis,
 }
 
 /// The outcome of one attempt, to record.
@@ -210,6 +212,13 @@ pub struct AttemptReport {
     pub retry_after: Option<Duration>,
     /// Uniform in [0, 1): this attempt's jitter draw.
     pub jitter_draw: f64,
+    /// The claim's lease: a report whose lease is no longer the delivery's (it expired and
+    /// the delivery was claimed again) is kept in the log but changes nothing.
+    pub lease_until: EpochMillis,
+    /// Nothing was sent because of a fault of ours (a signing secret that cannot be
+    /// opened): no attempt is recorded, nothing counts against the endpoint, and the
+    /// delivery is tried again later.
+    pub internal_error: bool,
 }
 
 /// What the store decides with when it records an attempt.
@@ -286,7 +295,6 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     async fn create_organization(&self, org: &Organization) -> StoreResult<()>;
-    async fn organization_exists(&self, id: OrganizationId) -> StoreResult<bool>;
     /// Stores a key's record and hash. `NotFound` if the organization does not exist.
     async fn create_api_key(&self, key: &ApiKeyRecord, key_hash: &[u8]) -> StoreResult<()>;
     async fn find_api_key(&self, key_hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>>;
@@ -341,7 +349,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// In one transaction: the event and one delivery per subscribed webhook of the
     /// tenant (`held` for an inactive one). A public id already published by the
-    /// organization returns the first result and queues nothing.
+    /// organization in that environment returns the first result and queues nothing.
     async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published>;
 
     /// Claims up to `limit` due deliveries of active webhooks under a lease until

@@ -428,7 +428,7 @@ async fn recover_requeues_the_failed_deliveries_of_a_window() {
 }
 
 #[tokio::test]
-async fn publishing_is_idempotent_per_organization_and_validated() {
+async fn publishing_is_idempotent_per_tenant_and_validated() {
     let app = TestApp::spawn().await;
     let customer = app.customer().await;
     let receiver = TestReceiver::start().await;
@@ -833,4 +833,30 @@ async fn test_deliveries_are_records_not_queue_entries() {
         .get(&format!("/webhooks/{webhook}/deliveries/{id}"))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn sandbox_and_live_event_ids_are_separate() {
+    let app = TestApp::spawn().await;
+    let customer = app.customer().await;
+    let live_key = app.create_key(&customer.org, "live").await;
+    let live = customer.with_key(&live_key);
+    let (sandbox_receiver, live_receiver) =
+        (TestReceiver::start().await, TestReceiver::start().await);
+    customer.create_webhook_id(&sandbox_receiver.url()).await;
+    live.create_webhook_id(&live_receiver.url()).await;
+    for environment in ["sandbox", "live"] {
+        let (status, body) = app
+            .publish_raw(json!({"organizationId": customer.org, "environment": environment, "type": "order.completed", "data": {}, "id": "ord_1043-completed"}))
+            .await;
+        assert_eq!(
+            (status, body),
+            (
+                StatusCode::ACCEPTED,
+                json!({"id": "ord_1043-completed", "deliveries": 1})
+            )
+        );
+    }
+    received(&sandbox_receiver, 1).await;
+    received(&live_receiver, 1).await;
 }

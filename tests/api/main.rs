@@ -8,5 +8,6 @@ mod delivery;
 mod errors;
 mod ops;
 mod secrets;
+mod store;
 mod test_call;
 mod webhooks;

@@ -22,7 +22,7 @@ use super::{
     WebhookPatch,
 };
 use crate::domain::apikey::Environment;
-use crate::domain::ids::{DeliveryId, OrganizationId, WebhookId};
+use crate::domain::ids::{DeliveryId, WebhookId};
 use crate::domain::time::EpochMillis;
 
 mod queue;
@@ -235,14 +235,6 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(())
-    }
-
-    async fn organization_exists(&self, id: OrganizationId) -> StoreResult<bool> {
-        let found = sqlx::query("SELECT 1 FROM organizations WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.readers)
-            .await?;
-        Ok(found.is_some())
     }
 
     async fn create_api_key(&self, key: &ApiKeyRecord, key_hash: &[u8]) -> StoreResult<()> {
@@ -564,8 +556,18 @@ impl Store for SqliteStore {
         per_webhook: u32,
         lease_until: EpochMillis,
     ) -> StoreResult<Vec<ClaimedDelivery>> {
+        let asked = std::time::Instant::now();
         let mut tx = self.begin_write().await?;
-        let claimed = queue::claim(&mut tx, now, limit, per_webhook, lease_until).await?;
+        // The writer may have kept us waiting: the lease runs from when the claim is made.
+        let waited = i64::try_from(asked.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let claimed = queue::claim(
+            &mut tx,
+            now + waited,
+            limit,
+            per_webhook,
+            lease_until + waited,
+        )
+        .await?;
         tx.commit().await?;
         Ok(claimed)
     }
@@ -573,7 +575,8 @@ impl Store for SqliteStore {
     async fn next_due_at(&self) -> StoreResult<Option<EpochMillis>> {
         Ok(sqlx::query_scalar(
             "SELECT MIN(d.next_attempt_at) FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.status = 'pending' AND w.active = 1 AND w.deleted_at IS NULL",
+             WHERE d.status = 'pending' AND d.lease_until IS NULL \
+               AND w.active = 1 AND w.deleted_at IS NULL",
         )
         .fetch_one(&self.readers)
         .await?)

@@ -22,6 +22,11 @@ use crate::store::{
     SealedSecrets, StoreError, StoreResult, Tenant,
 };
 
+/// When a delivery could not be attempted through a fault of ours, it is tried again
+/// after this long.
+const INTERNAL_ERROR_RETRY_MS: i64 = 60_000;
+/// Candidate queries per claim at most (see `claim`).
+const MAX_CLAIM_ROUNDS: usize = 4;
 /// Rows per multi-row statement (SQLite allows 32,766 bound values; 8 per row here).
 const ROWS_PER_STATEMENT: usize = 1_000;
 /// Publishes committed together at most.
@@ -141,16 +146,16 @@ async fn publish_batch(
         .into_iter()
         .collect();
 
-    // Events, skipping ids the organization already has (and repeats within the batch).
-    let mut seen: HashSet<(String, &str)> = HashSet::new();
+    // Events, skipping ids the tenant already has (and repeats within the batch).
+    let mut seen: HashSet<(Tenant, &str)> = HashSet::new();
     let fresh: Vec<usize> = (0..requests.len())
         .filter(|&i| {
             let (tenant, event) = requests[i];
-            let org = tenant.organization_id.to_string();
-            existing.contains(&org) && seen.insert((org, event.id.as_str()))
+            existing.contains(&tenant.organization_id.to_string())
+                && seen.insert((tenant, event.id.as_str()))
         })
         .collect();
-    let mut seqs: HashMap<(String, String), i64> = HashMap::new();
+    let mut seqs: HashMap<(String, String, String), i64> = HashMap::new();
     for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (id, organization_id, environment, type, payload, created_at) ",
@@ -164,10 +169,17 @@ async fn publish_batch(
                 .push_bind(event.payload.clone())
                 .push_bind(event.created_at);
         });
-        q.push(" ON CONFLICT (organization_id, id) DO NOTHING RETURNING seq, organization_id, id");
+        q.push(
+            " ON CONFLICT (organization_id, environment, id) DO NOTHING \
+             RETURNING seq, organization_id, environment, id",
+        );
         for row in q.build().fetch_all(&mut *conn).await? {
             seqs.insert(
-                (row.try_get("organization_id")?, row.try_get("id")?),
+                (
+                    row.try_get("organization_id")?,
+                    row.try_get("environment")?,
+                    row.try_get("id")?,
+                ),
                 row.try_get("seq")?,
             );
         }
@@ -214,11 +226,18 @@ async fn publish_batch(
         active: bool,
         at: EpochMillis,
     }
+    let key = |tenant: &Tenant, event: &NewEvent| {
+        (
+            tenant.organization_id.to_string(),
+            tenant.environment.as_str().to_owned(),
+            event.id.clone(),
+        )
+    };
     let mut deliveries: Vec<NewDelivery> = Vec::new();
     let mut counts: HashMap<i64, u64> = HashMap::new();
     for &i in &fresh {
         let (tenant, event) = requests[i];
-        let Some(&seq) = seqs.get(&(tenant.organization_id.to_string(), event.id.clone())) else {
+        let Some(&seq) = seqs.get(&key(&tenant, event)) else {
             continue; // published before this batch
         };
         for (webhook, subscription, active) in webhooks.get(&tenant).map_or(&[][..], Vec::as_slice)
@@ -264,7 +283,7 @@ async fn publish_batch(
             results.push(Err(StoreError::NotFound));
             continue;
         }
-        let result = match seqs.get(&(org.clone(), event.id.clone())) {
+        let result = match seqs.get(&key(tenant, event)) {
             Some(seq) => Published {
                 id: event.id.clone(),
                 deliveries: counts.get(seq).copied().unwrap_or(0),
@@ -274,9 +293,10 @@ async fn publish_batch(
             None => {
                 let deliveries: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.seq = d.event_seq \
-                     WHERE e.organization_id = ? AND e.id = ?",
+                     WHERE e.organization_id = ? AND e.environment = ? AND e.id = ?",
                 )
                 .bind(&org)
+                .bind(tenant.environment.as_str())
                 .bind(&event.id)
                 .fetch_one(&mut *conn)
                 .await?;
@@ -315,69 +335,63 @@ pub(super) async fn claim(
     for webhook in leased {
         *room.entry(webhook).or_insert(cap) -= 1;
     }
-    let full: Vec<String> = room
-        .iter()
-        .filter(|(_, left)| **left <= 0)
-        .map(|(w, _)| w.clone())
-        .collect();
-    let mut q = QueryBuilder::<Sqlite>::new(
-        "SELECT d.id, d.organization_id, d.environment, d.webhook_id, d.attempt_count, \
-           e.id AS event_id, e.created_at AS event_created_at, e.payload, \
-           w.url, w.secret, w.previous_secret, w.previous_secret_expires_at \
-         FROM deliveries d \
-         JOIN events e ON e.seq = d.event_seq \
-         JOIN webhooks w ON w.id = d.webhook_id \
-         WHERE d.status = 'pending' AND d.next_attempt_at <= ",
-    );
-    q.push_bind(now);
-    q.push(" AND (d.lease_until IS NULL OR d.lease_until <= ");
-    q.push_bind(now);
-    q.push(") AND w.active = 1 AND w.deleted_at IS NULL");
-    if !full.is_empty() {
-        q.push(" AND d.webhook_id NOT IN (");
-        let mut list = q.separated(", ");
-        for w in &full {
-            list.push_bind(w.clone());
+    // Candidates come oldest first, LIMIT at a time; a webhook that fills up is excluded
+    // from the next query, so one webhook's backlog cannot take every candidate place and
+    // starve the others (a few rounds at most: each one fills at least one webhook).
+    let mut claimed: Vec<ClaimedDelivery> = Vec::with_capacity(limit as usize);
+    let mut taken: HashSet<String> = HashSet::new();
+    for _round in 0..MAX_CLAIM_ROUNDS {
+        let want = i64::from(limit) - claimed.len() as i64;
+        if want <= 0 {
+            break;
         }
-        q.push(")");
+        let full: Vec<&String> = room
+            .iter()
+            .filter(|(_, left)| **left <= 0)
+            .map(|(w, _)| w)
+            .collect();
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT d.id, d.organization_id, d.environment, d.webhook_id, d.attempt_count, \
+               e.id AS event_id, e.created_at AS event_created_at, e.payload, \
+               w.url, w.secret, w.previous_secret, w.previous_secret_expires_at \
+             FROM deliveries d \
+             JOIN events e ON e.seq = d.event_seq \
+             JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.status = 'pending' AND d.next_attempt_at <= ",
+        );
+        q.push_bind(now);
+        q.push(" AND (d.lease_until IS NULL OR d.lease_until <= ");
+        q.push_bind(now);
+        q.push(") AND w.active = 1 AND w.deleted_at IS NULL");
+        if !full.is_empty() {
+            q.push(" AND d.webhook_id NOT IN (");
+            let mut list = q.separated(", ");
+            for w in &full {
+                list.push_bind((*w).clone());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY d.next_attempt_at LIMIT ");
+        q.push_bind(want);
+        let rows = q.build().fetch_all(&mut *conn).await?;
+        let exhausted = (rows.len() as i64) < want;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let webhook: String = row.try_get("webhook_id")?;
+            let left = room.entry(webhook.clone()).or_insert(cap);
+            if *left <= 0 || taken.contains(&id) {
+                continue;
+            }
+            *left -= 1;
+            taken.insert(id.clone());
+            claimed.push(claimed_from_row(&row, id, &webhook)?);
+        }
+        if exhausted {
+            break;
+        }
     }
-    q.push(" ORDER BY d.next_attempt_at LIMIT ");
-    q.push_bind(i64::from(limit));
-    let rows = q.build().fetch_all(&mut *conn).await?;
-
-    let mut claimed = Vec::with_capacity(rows.len());
-    for row in rows {
-        let webhook: String = row.try_get("webhook_id")?;
-        let left = room.entry(webhook.clone()).or_insert(cap);
-        if *left <= 0 {
-            continue;
-        }
-        *left -= 1;
-        let id: String = row.try_get("id")?;
-        let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
-        let org: String = row.try_get("organization_id")?;
-        let env: String = row.try_get("environment")?;
-        let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
-        let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
-        let payload: Vec<u8> = row.try_get("payload")?;
-        let attempts: i64 = row.try_get("attempt_count")?;
-        claimed.push(ClaimedDelivery {
-            delivery_id: id.parse().map_err(|_| corrupt("id"))?,
-            tenant: Tenant {
-                organization_id: org.parse().map_err(|_| corrupt("organization"))?,
-                environment: env.parse().map_err(|_| corrupt("environment"))?,
-            },
-            webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
-            url: row.try_get("url")?,
-            secrets: SealedSecrets {
-                current: row.try_get("secret")?,
-                previous: previous.zip(expires),
-            },
-            event_id: row.try_get("event_id")?,
-            event_created_at: row.try_get("event_created_at")?,
-            payload: payload.into(),
-            attempts_made: u32::try_from(attempts).unwrap_or(0),
-        });
+    for c in &mut claimed {
+        c.lease_until = lease_until;
     }
     if !claimed.is_empty() {
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE deliveries SET lease_until = ");
@@ -393,6 +407,38 @@ pub(super) async fn claim(
     Ok(claimed)
 }
 
+fn claimed_from_row(
+    row: &sqlx::sqlite::SqliteRow,
+    id: String,
+    webhook: &str,
+) -> StoreResult<ClaimedDelivery> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
+    let org: String = row.try_get("organization_id")?;
+    let env: String = row.try_get("environment")?;
+    let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
+    let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let attempts: i64 = row.try_get("attempt_count")?;
+    Ok(ClaimedDelivery {
+        delivery_id: id.parse().map_err(|_| corrupt("id"))?,
+        tenant: Tenant {
+            organization_id: org.parse().map_err(|_| corrupt("organization"))?,
+            environment: env.parse().map_err(|_| corrupt("environment"))?,
+        },
+        webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
+        url: row.try_get("url")?,
+        secrets: SealedSecrets {
+            current: row.try_get("secret")?,
+            previous: previous.zip(expires),
+        },
+        event_id: row.try_get("event_id")?,
+        event_created_at: row.try_get("event_created_at")?,
+        payload: payload.into(),
+        attempts_made: u32::try_from(attempts).unwrap_or(0),
+        lease_until: 0,
+    })
+}
+
 /// Records a batch of attempts and decides what comes next for each delivery and its
 /// webhook. Successes (the common case) are written with one statement each for the
 /// attempts, the deliveries and the webhooks; failures take the careful path one by one.
@@ -402,28 +448,59 @@ pub(super) async fn record(
     policy: &DeliveryPolicy,
     now: EpochMillis,
 ) -> StoreResult<Vec<DeliveryStatus>> {
-    // A delivery can vanish while in flight (purged past the retention); its report is
-    // dropped rather than failing the whole batch.
-    let mut existing: HashSet<String> = HashSet::new();
+    // Where each delivery stands now. One can vanish while in flight (purged past the
+    // retention): its report is dropped rather than failing the whole batch. One whose
+    // lease is no longer this claim's (it expired and the delivery was claimed again) is
+    // stale: its attempt is logged, but it decides nothing.
+    let mut current: HashMap<String, (String, Option<i64>)> = HashMap::new();
     for chunk in all_reports.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM deliveries WHERE id IN (");
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT id, status, lease_until FROM deliveries WHERE id IN (",
+        );
         let mut list = q.separated(", ");
         for r in chunk {
             list.push_bind(r.delivery_id.to_string());
         }
         q.push(")");
-        existing.extend(
-            q.build_query_scalar::<String>()
-                .fetch_all(&mut *conn)
-                .await?,
-        );
+        for row in q.build().fetch_all(&mut *conn).await? {
+            current.insert(
+                row.try_get("id")?,
+                (row.try_get("status")?, row.try_get("lease_until")?),
+            );
+        }
     }
+    let is_current = |r: &AttemptReport| {
+        current
+            .get(&r.delivery_id.to_string())
+            .is_some_and(|(status, lease)| status == "pending" && *lease == Some(r.lease_until))
+    };
+    let logged: Vec<&AttemptReport> = all_reports
+        .iter()
+        .filter(|r| !r.internal_error && current.contains_key(&r.delivery_id.to_string()))
+        .collect();
     let reports: Vec<&AttemptReport> = all_reports
         .iter()
-        .filter(|r| existing.contains(&r.delivery_id.to_string()))
+        .filter(|r| !r.internal_error && is_current(r))
         .collect();
+    let mut decided: HashMap<String, DeliveryStatus> = HashMap::new();
+    // Our own faults: try again in a minute, counting nothing against the endpoint.
+    for r in all_reports
+        .iter()
+        .filter(|r| r.internal_error && is_current(r))
+    {
+        sqlx::query(
+            "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1, updated_at = ?2 \
+             WHERE id = ?3",
+        )
+        .bind(now + INTERNAL_ERROR_RETRY_MS)
+        .bind(now)
+        .bind(r.delivery_id.to_string())
+        .execute(&mut *conn)
+        .await?;
+        decided.insert(r.delivery_id.to_string(), DeliveryStatus::Pending);
+    }
     // Every attempt, in one statement per chunk.
-    for chunk in reports.chunks(ROWS_PER_STATEMENT) {
+    for chunk in logged.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
              failure, response_body) ",
@@ -478,7 +555,6 @@ pub(super) async fn record(
         q.build().execute(&mut *conn).await?;
     }
 
-    let mut decided: HashMap<String, DeliveryStatus> = HashMap::new();
     for (i, report) in reports.iter().enumerate() {
         let status = if report.succeeded {
             DeliveryStatus::Succeeded
@@ -492,10 +568,14 @@ pub(super) async fn record(
     Ok(all_reports
         .iter()
         .map(|r| {
-            decided
-                .get(&r.delivery_id.to_string())
-                .copied()
-                .unwrap_or(DeliveryStatus::Cancelled)
+            let id = r.delivery_id.to_string();
+            decided.get(&id).copied().unwrap_or_else(|| {
+                // Stale or vanished: report where the delivery stands.
+                current
+                    .get(&id)
+                    .and_then(|(status, _)| DeliveryStatus::parse(status))
+                    .unwrap_or(DeliveryStatus::Cancelled)
+            })
         })
         .collect())
 }

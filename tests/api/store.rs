@@ -1,0 +1,160 @@
+//! The store on its own: the rules of recording that the API cannot reach in time.
+
+use std::time::Duration;
+
+use vignetim_webhooks::domain::apikey::Environment;
+use vignetim_webhooks::domain::ids::{OrganizationId, WebhookId};
+use vignetim_webhooks::domain::retry::RetrySchedule;
+use vignetim_webhooks::store::sqlite::SqliteStore;
+use vignetim_webhooks::store::{
+    AttemptRecord, AttemptReport, DeliveryPolicy, DeliveryStatus, NewEvent, NewWebhook,
+    Organization, Store, Tenant,
+};
+
+async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, WebhookId) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = SqliteStore::open_url(&url).await.expect("open");
+    let org = Organization {
+        id: OrganizationId::new(),
+        name: "t".into(),
+        created_at: 0,
+    };
+    store.create_organization(&org).await.expect("org");
+    let tenant = Tenant {
+        organization_id: org.id,
+        environment: Environment::Sandbox,
+    };
+    let webhook = WebhookId::new();
+    store
+        .create_webhook(
+            tenant,
+            &NewWebhook {
+                id: webhook,
+                url: "https://example.com/hook".into(),
+                events: vec!["*".into()],
+                description: None,
+                sealed_secret: vec![1, 2, 3],
+                created_at: 0,
+            },
+            10,
+        )
+        .await
+        .expect("webhook");
+    let event = NewEvent {
+        id: "e1".into(),
+        event_type: "order.completed".into(),
+        payload: b"{}".to_vec(),
+        created_at: 1,
+    };
+    store.publish_event(tenant, &event).await.expect("publish");
+    (dir, store, tenant, webhook)
+}
+
+fn report(
+    claimed: &vignetim_webhooks::store::ClaimedDelivery,
+    succeeded: bool,
+    lease_until: i64,
+) -> AttemptReport {
+    AttemptReport {
+        delivery_id: claimed.delivery_id,
+        webhook_id: claimed.webhook_id,
+        attempt: AttemptRecord {
+            attempted_at: 10,
+            response_time_ms: 1,
+            status_code: Some(if succeeded { 200 } else { 500 }),
+            failure: (!succeeded).then(|| "http_status".to_owned()),
+            response_body: None,
+        },
+        succeeded,
+        gone: false,
+        retry_after: None,
+        jitter_draw: 0.5,
+        lease_until,
+        internal_error: false,
+    }
+}
+
+fn policy() -> DeliveryPolicy {
+    DeliveryPolicy {
+        schedule: RetrySchedule::parse("1s").expect("schedule"),
+        disable_after: Duration::from_secs(3600),
+    }
+}
+
+#[tokio::test]
+async fn a_stale_report_is_logged_but_decides_nothing() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    let claimed = store.claim_due(5, 10, 10, 1_000).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let first = &claimed[0];
+    // The lease runs from when the writer was had: 1,000 plus however long that took.
+    assert!(
+        (1_000..1_500).contains(&first.lease_until),
+        "{}",
+        first.lease_until
+    );
+    // The lease expires; the delivery is claimed again.
+    let again = store.claim_due(2_000, 10, 10, 3_000).await.expect("claim");
+    assert_eq!(again.len(), 1);
+    // The first claim's late failure changes nothing...
+    let statuses = store
+        .record_attempts(&[report(first, false, first.lease_until)], &policy(), 2_500)
+        .await
+        .expect("record");
+    assert_eq!(statuses, vec![DeliveryStatus::Pending]);
+    let w = store
+        .get_webhook(tenant, webhook)
+        .await
+        .expect("get")
+        .expect("webhook");
+    assert_eq!(w.consecutive_failures, 0);
+    // ...and the current claim's success is recorded.
+    let statuses = store
+        .record_attempts(
+            &[report(&again[0], true, again[0].lease_until)],
+            &policy(),
+            2_600,
+        )
+        .await
+        .expect("record");
+    assert_eq!(statuses, vec![DeliveryStatus::Succeeded]);
+    let (view, attempts) = store
+        .get_delivery(tenant, webhook, first.delivery_id)
+        .await
+        .expect("get")
+        .expect("delivery");
+    assert_eq!(view.status, DeliveryStatus::Succeeded);
+    assert_eq!(attempts.len(), 2, "both attempts are in the log");
+    assert_eq!(
+        view.attempt_count, 1,
+        "only the current claim's attempt counts"
+    );
+}
+
+#[tokio::test]
+async fn an_internal_error_puts_the_delivery_back_without_counting() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    let claimed = store.claim_due(5, 10, 10, 1_000).await.expect("claim");
+    let mut r = report(&claimed[0], false, claimed[0].lease_until);
+    r.internal_error = true;
+    let statuses = store
+        .record_attempts(&[r], &policy(), 100)
+        .await
+        .expect("record");
+    assert_eq!(statuses, vec![DeliveryStatus::Pending]);
+    let (view, attempts) = store
+        .get_delivery(tenant, webhook, claimed[0].delivery_id)
+        .await
+        .expect("get")
+        .expect("delivery");
+    assert!(attempts.is_empty());
+    assert_eq!(view.attempt_count, 0);
+    assert_eq!(view.next_attempt_at, Some(100 + 60_000));
+    let w = store
+        .get_webhook(tenant, webhook)
+        .await
+        .expect("get")
+        .expect("webhook");
+    assert_eq!(w.consecutive_failures, 0);
+}
