@@ -104,7 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             publish_secs: 3,
             e2e_events: 1_000,
             latency_secs: 5,
-            hang_events: 300,
+            hang_events: 1_000,
         }
     } else {
         Plan {
