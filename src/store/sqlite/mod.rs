@@ -751,7 +751,7 @@ impl Store for SqliteStore {
             "UPDATE deliveries SET status = ?1, next_attempt_at = ?2, lease_until = NULL, \
                updated_at = ?3 \
              WHERE webhook_id = ?4 AND status = 'failed' AND created_at >= ?5 AND created_at < ?6 \
-               AND event_seq NOT IN (SELECT seq FROM events WHERE type = 'webhook.test')",
+               AND (SELECT type FROM events WHERE seq = deliveries.event_seq) != 'webhook.test'",
         )
         .bind(if active { "pending" } else { "held" })
         .bind(active.then_some(now))
