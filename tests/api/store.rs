@@ -158,3 +158,42 @@ async fn an_internal_error_puts_the_delivery_back_without_counting() {
         .expect("webhook");
     assert_eq!(w.consecutive_failures, 0);
 }
+
+#[tokio::test]
+async fn purge_removes_everything_past_the_retention_in_chunks() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    // 1,100 more events (more than two purge chunks), old; one new.
+    let tasks: Vec<_> = (0..1_100)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let event = NewEvent {
+                    id: format!("old-{n}"),
+                    event_type: "order.completed".into(),
+                    payload: b"{}".to_vec(),
+                    created_at: 100 + n,
+                };
+                store.publish_event(tenant, &event).await.expect("publish");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let new = NewEvent {
+        id: "new".into(),
+        event_type: "order.completed".into(),
+        payload: b"{}".to_vec(),
+        created_at: 10_000,
+    };
+    store.publish_event(tenant, &new).await.expect("publish");
+    assert_eq!(store.purge(5_000).await.expect("purge"), 1_101);
+    let left = store
+        .list_deliveries(tenant, webhook, None, None, 250)
+        .await
+        .expect("list")
+        .expect("webhook");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].event_id, "new");
+    assert_eq!(store.purge(5_000).await.expect("purge"), 0);
+}

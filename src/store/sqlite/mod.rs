@@ -766,34 +766,54 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, before: EpochMillis) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "DELETE FROM attempts WHERE delivery_id IN (SELECT d.id FROM deliveries d \
-               JOIN events e ON e.seq = d.event_seq WHERE e.created_at < ?)",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM events WHERE created_at < ?)",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
-        let events = sqlx::query("DELETE FROM events WHERE created_at < ?")
+        // In chunks, each its own short transaction: after 30 days of traffic one purge
+        // transaction would hold the only writer (and so every publish and record) for as
+        // long as it takes.
+        const CHUNK: i64 = 500;
+        let mut purged = 0u64;
+        loop {
+            let mut tx = self.begin_write().await?;
+            let seqs: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM events WHERE created_at < ? ORDER BY created_at LIMIT ?",
+            )
             .bind(before)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .bind(CHUNK)
+            .fetch_all(&mut *tx)
+            .await?;
+            if seqs.is_empty() {
+                tx.commit().await?;
+                break;
+            }
+            for (table, column) in [
+                (
+                    "DELETE FROM attempts WHERE delivery_id IN \
+                     (SELECT id FROM deliveries WHERE event_seq IN (",
+                    "))",
+                ),
+                ("DELETE FROM deliveries WHERE event_seq IN (", ")"),
+                ("DELETE FROM events WHERE seq IN (", ")"),
+            ] {
+                let mut q = sqlx::QueryBuilder::<Sqlite>::new(table);
+                let mut list = q.separated(", ");
+                for seq in &seqs {
+                    list.push_bind(*seq);
+                }
+                q.push(column);
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            purged += seqs.len() as u64;
+            // Let the publishers and the recorder have the writer between chunks.
+            tokio::task::yield_now().await;
+        }
         sqlx::query(
             "DELETE FROM webhooks WHERE deleted_at < ? \
-               AND id NOT IN (SELECT webhook_id FROM deliveries)",
+               AND NOT EXISTS (SELECT 1 FROM deliveries WHERE webhook_id = webhooks.id)",
         )
         .bind(before)
-        .execute(&mut *tx)
+        .execute(&self.writer)
         .await?;
-        tx.commit().await?;
-        Ok(events)
+        Ok(purged)
     }
 
     async fn delivery_stats(&self, now: EpochMillis) -> StoreResult<DeliveryStats> {
