@@ -41,14 +41,19 @@ async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, W
         )
         .await
         .expect("webhook");
-    let event = NewEvent {
-        id: "e1".into(),
-        event_type: "order.completed".into(),
-        payload: b"{}".to_vec(),
-        created_at: 1,
-    };
+    let event = event("e1", 1);
     store.publish_event(tenant, &event).await.expect("publish");
     (dir, store, tenant, webhook)
+}
+
+/// An `order.completed` event with an empty object as data.
+fn event(id: impl Into<String>, created_at: i64) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        event_type: "order.completed".into(),
+        payload: b"{}".to_vec(),
+        created_at,
+    }
 }
 
 fn report(
@@ -167,12 +172,7 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
         .map(|n| {
             let store = store.clone();
             tokio::spawn(async move {
-                let event = NewEvent {
-                    id: format!("old-{n}"),
-                    event_type: "order.completed".into(),
-                    payload: b"{}".to_vec(),
-                    created_at: 100 + n,
-                };
+                let event = event(format!("old-{n}"), 100 + n);
                 store.publish_event(tenant, &event).await.expect("publish");
             })
         })
@@ -180,12 +180,7 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
     for t in tasks {
         t.await.expect("task");
     }
-    let new = NewEvent {
-        id: "new".into(),
-        event_type: "order.completed".into(),
-        payload: b"{}".to_vec(),
-        created_at: 10_000,
-    };
+    let new = event("new", 10_000);
     store.publish_event(tenant, &new).await.expect("publish");
     assert_eq!(store.purge(5_000).await.expect("purge"), 1_101);
     let left = store

@@ -455,13 +455,7 @@ impl Store for SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.readers)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
-        let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
-        Ok(Some(SealedSecrets {
-            current: row.try_get("secret")?,
-            previous: previous.zip(expires),
-        }))
+        row.as_ref().map(queue::sealed_from_row).transpose()
     }
 
     async fn record_test_delivery(&self, tenant: Tenant, test: &TestDelivery) -> StoreResult<()> {
@@ -498,19 +492,7 @@ impl Store for SqliteStore {
         .bind(test.attempt.attempted_at)
         .execute(&mut *tx)
         .await?;
-        let a = &test.attempt;
-        sqlx::query(
-            "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
-             failure, response_body) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(test.delivery_id.to_string())
-        .bind(a.attempted_at)
-        .bind(a.response_time_ms)
-        .bind(a.status_code.map(i64::from))
-        .bind(&a.failure)
-        .bind(&a.response_body)
-        .execute(&mut *tx)
-        .await?;
+        queue::insert_attempts(&mut tx, &[(test.delivery_id, &test.attempt)]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -794,10 +776,7 @@ impl Store for SqliteStore {
                 ("DELETE FROM events WHERE seq IN (", ")"),
             ] {
                 let mut q = sqlx::QueryBuilder::<Sqlite>::new(table);
-                let mut list = q.separated(", ");
-                for seq in &seqs {
-                    list.push_bind(*seq);
-                }
+                queue::push_list(&mut q, &seqs, |seq| *seq);
                 q.push(column);
                 q.build().execute(&mut *tx).await?;
             }

@@ -18,8 +18,8 @@ use crate::domain::ids::DeliveryId;
 use crate::domain::retry::should_disable;
 use crate::domain::time::EpochMillis;
 use crate::store::{
-    AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, NewEvent, Published,
-    SealedSecrets, StoreError, StoreResult, Tenant,
+    AttemptRecord, AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, NewEvent,
+    Published, SealedSecrets, StoreError, StoreResult, Tenant,
 };
 
 /// When a delivery could not be attempted through a fault of ours, it is tried again
@@ -134,10 +134,7 @@ async fn publish_batch(
         .map(|(t, _)| t.organization_id.to_string())
         .collect();
     let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM organizations WHERE id IN (");
-    let mut list = q.separated(", ");
-    for org in &orgs {
-        list.push_bind(org.clone());
-    }
+    push_list(&mut q, &orgs, |org| org.clone());
     q.push(")");
     let existing: HashSet<String> = q
         .build_query_scalar::<String>()
@@ -191,10 +188,7 @@ async fn publish_batch(
         "SELECT organization_id, environment, id, events, active FROM webhooks \
          WHERE deleted_at IS NULL AND organization_id IN (",
     );
-    let mut list = q.separated(", ");
-    for org in &existing {
-        list.push_bind(org.clone());
-    }
+    push_list(&mut q, &existing, |org| org.clone());
     q.push(")");
     if !existing.is_empty() {
         for row in q.build().fetch_all(&mut *conn).await? {
@@ -312,6 +306,54 @@ async fn publish_batch(
     Ok(results)
 }
 
+/// Appends `a, b, c` (bound values) for an `IN (…)` list; the caller closes it.
+pub(super) fn push_list<T, V>(
+    q: &mut QueryBuilder<Sqlite>,
+    items: impl IntoIterator<Item = T>,
+    bind: impl Fn(T) -> V,
+) where
+    V: for<'q> sqlx::Encode<'q, Sqlite> + sqlx::Type<Sqlite> + Send + 'static,
+{
+    let mut list = q.separated(", ");
+    for item in items {
+        list.push_bind(bind(item));
+    }
+}
+
+/// Inserts attempt rows, one statement per chunk.
+pub(super) async fn insert_attempts(
+    conn: &mut SqliteConnection,
+    attempts: &[(DeliveryId, &AttemptRecord)],
+) -> StoreResult<()> {
+    for chunk in attempts.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
+             failure, response_body) ",
+        );
+        q.push_values(chunk, |mut row, (id, a)| {
+            row.push_bind(id.to_string())
+                .push_bind(a.attempted_at)
+                .push_bind(a.response_time_ms)
+                .push_bind(a.status_code.map(i64::from))
+                .push_bind(a.failure.clone())
+                .push_bind(a.response_body.clone());
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The sealed secrets of a row that has `secret`, `previous_secret` and
+/// `previous_secret_expires_at`.
+pub(super) fn sealed_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<SealedSecrets> {
+    let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
+    let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
+    Ok(SealedSecrets {
+        current: row.try_get("secret")?,
+        previous: previous.zip(expires),
+    })
+}
+
 /// Claims due deliveries of active webhooks under a lease, keeping every webhook under
 /// `per_webhook` leased deliveries (a hanging endpoint's backlog never takes the places
 /// of healthy endpoints).
@@ -365,10 +407,7 @@ pub(super) async fn claim(
         q.push(") AND w.active = 1 AND w.deleted_at IS NULL");
         if !full.is_empty() {
             q.push(" AND d.webhook_id NOT IN (");
-            let mut list = q.separated(", ");
-            for w in &full {
-                list.push_bind((*w).clone());
-            }
+            push_list(&mut q, &full, |w| (*w).clone());
             q.push(")");
         }
         q.push(" ORDER BY d.next_attempt_at LIMIT ");
@@ -397,10 +436,7 @@ pub(super) async fn claim(
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE deliveries SET lease_until = ");
         q.push_bind(lease_until);
         q.push(" WHERE id IN (");
-        let mut list = q.separated(", ");
-        for c in &claimed {
-            list.push_bind(c.delivery_id.to_string());
-        }
+        push_list(&mut q, &claimed, |c| c.delivery_id.to_string());
         q.push(")");
         q.build().execute(&mut *conn).await?;
     }
@@ -415,8 +451,6 @@ fn claimed_from_row(
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
     let org: String = row.try_get("organization_id")?;
     let env: String = row.try_get("environment")?;
-    let previous: Option<Vec<u8>> = row.try_get("previous_secret")?;
-    let expires: Option<i64> = row.try_get("previous_secret_expires_at")?;
     let payload: Vec<u8> = row.try_get("payload")?;
     let attempts: i64 = row.try_get("attempt_count")?;
     Ok(ClaimedDelivery {
@@ -427,10 +461,7 @@ fn claimed_from_row(
         },
         webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
         url: row.try_get("url")?,
-        secrets: SealedSecrets {
-            current: row.try_get("secret")?,
-            previous: previous.zip(expires),
-        },
+        secrets: sealed_from_row(row)?,
         event_id: row.try_get("event_id")?,
         event_created_at: row.try_get("event_created_at")?,
         payload: payload.into(),
@@ -457,10 +488,7 @@ pub(super) async fn record(
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT id, status, lease_until FROM deliveries WHERE id IN (",
         );
-        let mut list = q.separated(", ");
-        for r in chunk {
-            list.push_bind(r.delivery_id.to_string());
-        }
+        push_list(&mut q, chunk, |r| r.delivery_id.to_string());
         q.push(")");
         for row in q.build().fetch_all(&mut *conn).await? {
             current.insert(
@@ -499,23 +527,10 @@ pub(super) async fn record(
         .await?;
         decided.insert(r.delivery_id.to_string(), DeliveryStatus::Pending);
     }
-    // Every attempt, in one statement per chunk.
-    for chunk in logged.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
-             failure, response_body) ",
-        );
-        q.push_values(chunk, |mut row, r| {
-            let a = &r.attempt;
-            row.push_bind(r.delivery_id.to_string())
-                .push_bind(a.attempted_at)
-                .push_bind(a.response_time_ms)
-                .push_bind(a.status_code.map(i64::from))
-                .push_bind(a.failure.clone())
-                .push_bind(a.response_body.clone());
-        });
-        q.build().execute(&mut *conn).await?;
-    }
+    // Every attempt, stale ones included (they were sent).
+    let attempts: Vec<(DeliveryId, &AttemptRecord)> =
+        logged.iter().map(|r| (r.delivery_id, &r.attempt)).collect();
+    insert_attempts(conn, &attempts).await?;
 
     // Successes: the deliveries are done; their webhooks' failure clocks stop.
     let successes: Vec<&AttemptReport> = reports.iter().copied().filter(|r| r.succeeded).collect();
@@ -526,10 +541,7 @@ pub(super) async fn record(
         );
         q.push_bind(now);
         q.push(" WHERE id IN (");
-        let mut list = q.separated(", ");
-        for r in chunk {
-            list.push_bind(r.delivery_id.to_string());
-        }
+        push_list(&mut q, chunk, |r| r.delivery_id.to_string());
         q.push(")");
         q.build().execute(&mut *conn).await?;
     }
@@ -547,10 +559,7 @@ pub(super) async fn record(
         );
         q.push_bind(now);
         q.push(" WHERE id IN (");
-        let mut list = q.separated(", ");
-        for w in last_success.keys() {
-            list.push_bind(w.clone());
-        }
+        push_list(&mut q, last_success.keys(), |w| w.clone());
         q.push(")");
         q.build().execute(&mut *conn).await?;
     }
