@@ -89,5 +89,3 @@ CREATE TABLE attempts (
     response_body    BLOB
 );
 CREATE INDEX attempts_by_delivery ON attempts (delivery_id, attempted_at);
--- In-flight (leased) deliveries, counted per webhook when claiming.
-CREATE INDEX deliveries_leased ON deliveries (lease_until) WHERE status = 'pending';

@@ -2,14 +2,18 @@
 //! the guarded client, record the outcomes in batches, and schedule what comes next.
 //!
 //! Shape: one dispatcher task claims work and spawns one task per attempt (bounded by a
-//! global semaphore; the store's claim keeps each webhook under its own cap, so a hanging
-//! endpoint holds at most its cap of attempts and never the pool); attempt tasks hand
-//! their reports to one recorder task, which writes them in batches.
+//! global semaphore, and per webhook by a count of its attempts in flight that the claim
+//! respects, so a hanging endpoint holds at most its cap of attempts and never the pool);
+//! attempt tasks hand their reports to one recorder task, which writes them in batches.
+//! A webhook's place is free again as soon as its response is in, not once the outcome is
+//! recorded: a fast endpoint never waits on the database's commit.
 //!
 //! Architecture invariant: no database transaction is open while a request is in
 //! flight: the claim commits before the send, the record starts after it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -18,10 +22,13 @@ use tokio_util::task::TaskTracker;
 
 use super::client::{Dispatch, FailureClass, GuardedClient};
 use super::test_call::open_secrets;
+use crate::domain::ids::WebhookId;
 use crate::domain::sealing::EncryptionKey;
 use crate::domain::signing::{SigningSecret, signature_header};
 use crate::domain::time::{EpochMillis, now_millis};
-use crate::store::{AttemptReport, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, Store};
+use crate::store::{
+    AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus, Store,
+};
 use crate::telemetry::{AttemptLabels, Metrics};
 
 /// Wakes the dispatcher: new events, retries, re-enabled webhooks, finished attempts.
@@ -69,6 +76,48 @@ struct Finished {
     failure: Option<FailureClass>,
 }
 
+/// Attempts in flight per webhook, from the claim until the response, and whether a
+/// finished attempt should wake the dispatcher.
+#[derive(Default)]
+struct InFlight {
+    counts: Mutex<HashMap<WebhookId, u32>>,
+    /// The last claim was partial: it found work but less than it had room for, so more
+    /// may be due for webhooks that filled up during it.
+    partial: AtomicBool,
+}
+
+impl InFlight {
+    fn room(&self, per_webhook: u32) -> ClaimRoom {
+        ClaimRoom {
+            per_webhook,
+            in_flight: self.counts.lock().map(|m| m.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn start(&self, webhook: WebhookId) {
+        if let Ok(mut m) = self.counts.lock() {
+            *m.entry(webhook).or_default() += 1;
+        }
+    }
+
+    /// Frees the webhook's place; returns whether the dispatcher should look again (the
+    /// webhook was at its cap, or the last claim was partial).
+    fn finish(&self, webhook: WebhookId, per_webhook: u32) -> bool {
+        let Ok(mut m) = self.counts.lock() else {
+            return true;
+        };
+        let Some(n) = m.get_mut(&webhook) else {
+            return true;
+        };
+        let was_full = *n >= per_webhook;
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&webhook);
+        }
+        was_full || self.partial.load(Ordering::Relaxed)
+    }
+}
+
 const CLAIM_BATCH: u32 = 256;
 const RECORD_BATCH: usize = 512;
 const RECORD_LINGER: Duration = Duration::from_millis(2);
@@ -96,6 +145,8 @@ impl Engine {
         tx: mpsc::Sender<Finished>,
     ) {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        let in_flight = Arc::new(InFlight::default());
+        let per_webhook = self.settings.per_webhook;
         let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
         while !shutdown.is_cancelled() {
             // Wait for room in the pool before claiming: a claim is a promise to send.
@@ -111,7 +162,7 @@ impl Engine {
             let now = now_millis();
             let claimed = match self
                 .store
-                .claim_due(now, want, self.settings.per_webhook, now + lease_ms)
+                .claim_due(now, want, &in_flight.room(per_webhook), now + lease_ms)
                 .await
             {
                 Ok(claimed) => claimed,
@@ -123,6 +174,10 @@ impl Engine {
                 }
             };
             let got = claimed.len();
+            in_flight.partial.store(
+                got > 0 && u32::try_from(got).unwrap_or(u32::MAX) < want,
+                Ordering::Relaxed,
+            );
             tracing::trace!(got, want, claim_ms = now_millis() - now, "claimed");
             let mut first = Some(first);
             for delivery in claimed {
@@ -136,9 +191,15 @@ impl Engine {
                 };
                 let engine = Arc::clone(self);
                 let tx = tx.clone();
+                let in_flight = Arc::clone(&in_flight);
+                let webhook = delivery.webhook_id;
+                in_flight.start(webhook);
                 attempts.spawn(async move {
                     let finished = engine.attempt(delivery).await;
                     drop(permit);
+                    if in_flight.finish(webhook, per_webhook) {
+                        engine.wakeup.wake();
+                    }
                     // The recorder only stops after every attempt has finished.
                     let _ = tx.send(finished).await;
                 });
@@ -160,8 +221,8 @@ impl Engine {
                     _ = tokio::time::sleep(wait) => {},
                 }
             } else if u32::try_from(got).unwrap_or(u32::MAX) < want {
-                // All that could be claimed was: the recorder wakes us when attempts
-                // finish (freeing per-webhook room), as does a publish.
+                // All that could be claimed was: finishing attempts wake us (see
+                // `InFlight::finish`), as does a publish.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = self.wakeup.0.notified() => {},
@@ -295,6 +356,11 @@ impl Engine {
                 }
             };
             if let Some((statuses, now)) = statuses {
+                // A retry was scheduled (or the lease of a delivery held back released):
+                // the dispatcher looks again at when the next one is due.
+                if statuses.contains(&DeliveryStatus::Pending) {
+                    self.wakeup.wake();
+                }
                 for ((created_at, failure, succeeded, internal), status) in
                     seen.into_iter().zip(statuses)
                 {
@@ -314,8 +380,6 @@ impl Engine {
                     }
                 }
             }
-            // Leases were released: deliveries held back by a per-webhook cap may go.
-            self.wakeup.wake();
         }
     }
 

@@ -182,6 +182,31 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// How many more attempts each webhook may have in flight: the engine counts its
+/// attempts, from the claim until the response (not until the outcome is recorded, which
+/// would keep a fast endpoint waiting on the database).
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRoom {
+    pub per_webhook: u32,
+    pub in_flight: std::collections::HashMap<WebhookId, u32>,
+}
+
+impl ClaimRoom {
+    /// No attempt in flight anywhere.
+    pub fn empty(per_webhook: u32) -> Self {
+        Self {
+            per_webhook,
+            in_flight: Default::default(),
+        }
+    }
+
+    /// Attempts `webhook` may still start.
+    pub fn left(&self, webhook: &WebhookId) -> u32 {
+        self.per_webhook
+            .saturating_sub(self.in_flight.get(webhook).copied().unwrap_or(0))
+    }
+}
+
 /// A delivery claimed, under lease, for one attempt: everything the attempt needs.
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
@@ -281,9 +306,7 @@ pub enum StoreError {
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
     #[error("database error")]
-    Database(#[from] sqlx::Error),
-    #[error("migration failed")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Database(#[from] rusqlite::Error),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -353,12 +376,12 @@ pub trait Store: Send + Sync + 'static {
     async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published>;
 
     /// Claims up to `limit` due deliveries of active webhooks under a lease until
-    /// `lease_until`, never letting a webhook exceed `per_webhook` leased deliveries.
+    /// `lease_until`, never giving a webhook more than its `room`.
     async fn claim_due(
         &self,
         now: EpochMillis,
         limit: u32,
-        per_webhook: u32,
+        room: &ClaimRoom,
         lease_until: EpochMillis,
     ) -> StoreResult<Vec<ClaimedDelivery>>;
 

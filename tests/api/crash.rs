@@ -56,7 +56,7 @@ impl Site {
             .env("VIGNETIM_RETRY_SCHEDULE", "200ms,200ms,200ms")
             .env("VIGNETIM_POLL_INTERVAL", "200ms")
             .env("VIGNETIM_LOG_FORMAT", "json")
-            .env("RUST_LOG", "debug,sqlx=warn")
+            .env("RUST_LOG", "debug")
             .stdin(Stdio::null());
         command
     }

@@ -614,17 +614,13 @@ async fn deleting_a_webhook_cancels_its_pending_deliveries() {
         customer.delete(&format!("/webhooks/{webhook}")).await.0,
         StatusCode::NO_CONTENT
     );
-    let db = app.data_dir.join("vignetim.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
-        .await
-        .expect("open db");
-    let statuses: Vec<(String,)> =
-        sqlx::query_as("SELECT status FROM deliveries WHERE webhook_id = ?")
-            .bind(&webhook)
-            .fetch_all(&pool)
-            .await
-            .expect("query");
-    assert_eq!(statuses, vec![("cancelled".to_owned(),)]);
+    let statuses: Vec<String> = db_rows(
+        &app.data_dir,
+        "SELECT status FROM deliveries WHERE webhook_id = ?",
+        [&webhook],
+        |r| r.get(0),
+    );
+    assert_eq!(statuses, vec!["cancelled".to_owned()]);
 }
 
 #[tokio::test]

@@ -568,3 +568,23 @@ pub fn assert_signed_by(request: &Received, secret_whs: &str) {
         );
     }
 }
+
+/// Rows of a query on a test service's database, opened read-only beside the service.
+pub fn db_rows<T>(
+    data_dir: &std::path::Path,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let db = rusqlite::Connection::open_with_flags(
+        data_dir.join("vignetim.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open db");
+    db.prepare(sql)
+        .expect("prepare")
+        .query_map(params, row)
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}

@@ -7,7 +7,7 @@ use vignetim_webhooks::domain::ids::{OrganizationId, WebhookId};
 use vignetim_webhooks::domain::retry::RetrySchedule;
 use vignetim_webhooks::store::sqlite::SqliteStore;
 use vignetim_webhooks::store::{
-    AttemptRecord, AttemptReport, DeliveryPolicy, DeliveryStatus, NewEvent, NewWebhook,
+    AttemptRecord, AttemptReport, ClaimRoom, DeliveryPolicy, DeliveryStatus, NewEvent, NewWebhook,
     Organization, Store, Tenant,
 };
 
@@ -90,7 +90,10 @@ fn policy() -> DeliveryPolicy {
 #[tokio::test]
 async fn a_stale_report_is_logged_but_decides_nothing() {
     let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
-    let claimed = store.claim_due(5, 10, 10, 1_000).await.expect("claim");
+    let claimed = store
+        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1);
     let first = &claimed[0];
     // The lease runs from when the writer was had: 1,000 plus however long that took.
@@ -100,7 +103,10 @@ async fn a_stale_report_is_logged_but_decides_nothing() {
         first.lease_until
     );
     // The lease expires; the delivery is claimed again.
-    let again = store.claim_due(2_000, 10, 10, 3_000).await.expect("claim");
+    let again = store
+        .claim_due(2_000, 10, &ClaimRoom::empty(10), 3_000)
+        .await
+        .expect("claim");
     assert_eq!(again.len(), 1);
     // The first claim's late failure changes nothing...
     let statuses = store
@@ -140,7 +146,10 @@ async fn a_stale_report_is_logged_but_decides_nothing() {
 #[tokio::test]
 async fn an_internal_error_puts_the_delivery_back_without_counting() {
     let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
-    let claimed = store.claim_due(5, 10, 10, 1_000).await.expect("claim");
+    let claimed = store
+        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
+        .await
+        .expect("claim");
     let mut r = report(&claimed[0], false, claimed[0].lease_until);
     r.internal_error = true;
     let statuses = store
@@ -191,4 +200,22 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].event_id, "new");
     assert_eq!(store.purge(5_000).await.expect("purge"), 0);
+}
+
+#[tokio::test]
+async fn a_claim_gives_a_webhook_at_its_cap_nothing() {
+    let (_dir, store, _tenant, webhook) = store_with_one_delivery().await;
+    let mut room = ClaimRoom::empty(2);
+    room.in_flight.insert(webhook, 2);
+    let claimed = store.claim_due(5, 10, &room, 1_000).await.expect("claim");
+    assert!(claimed.is_empty(), "claimed {} past the cap", claimed.len());
+    room.in_flight.insert(webhook, 1);
+    let claimed = store.claim_due(5, 10, &room, 1_000).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    // Claimed and leased: not claimed again while the lease holds.
+    let again = store
+        .claim_due(6, 10, &ClaimRoom::empty(2), 1_000)
+        .await
+        .expect("claim");
+    assert!(again.is_empty());
 }

@@ -128,19 +128,14 @@ async fn test_call_reports_failures_without_echoing_the_body_or_counting_them() 
 
     // Subscribed to order.completed/order.failed only: the test ignores the filter (it did
     // arrive above). Every test is in the delivery log with its attempt.
-    let db = app.data_dir.join("vignetim.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
-        .await
-        .expect("open db");
-    let rows: Vec<(String, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<(String, i64, Option<i64>, Option<String>)> = db_rows(
+        &app.data_dir,
         "SELECT d.status, d.attempt_count, a.status_code, a.failure FROM deliveries d \
          JOIN attempts a ON a.delivery_id = d.id JOIN events e ON e.seq = d.event_seq \
          WHERE d.webhook_id = ? AND e.type = 'webhook.test' ORDER BY a.id",
-    )
-    .bind(&id)
-    .fetch_all(&pool)
-    .await
-    .expect("query");
+        [&id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    );
     assert_eq!(
         rows,
         vec![
@@ -237,15 +232,12 @@ async fn an_endless_body_is_cut_at_the_cap() {
     assert_eq!(result["statusCode"], 500);
 
     // Exactly 64 KiB of each was kept.
-    let db = app.data_dir.join("vignetim.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
-        .await
-        .expect("open db");
-    let rows: Vec<(i64, Option<String>)> =
-        sqlx::query_as("SELECT length(response_body), failure FROM attempts ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .expect("query");
+    let rows: Vec<(i64, Option<String>)> = db_rows(
+        &app.data_dir,
+        "SELECT length(response_body), failure FROM attempts ORDER BY id",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    );
     assert_eq!(
         rows,
         vec![

@@ -1,0 +1,351 @@
+//! SQLite connections, each owned by one thread, and how async code reaches them.
+//!
+//! SQLite is a library, not a server: every call blocks the thread that makes it. Each
+//! connection lives on its own thread and takes work as closures, so that a whole
+//! transaction (a batch of publishes, a claim, a batch of attempts) is one hand-off
+//! between threads, not one per statement. The first engine, which went to the connection
+//! thread once per statement, spent more than half of its CPU switching threads
+//! (BENCHMARKS.md).
+//!
+//! - [`Writer`]: the one connection that writes. It runs whatever jobs are queued in one
+//!   `BEGIN IMMEDIATE` transaction, each job inside its own savepoint (a failing job rolls
+//!   back alone), and answers every job after the commit: a publish is acknowledged only
+//!   once it is durable, and a claim is committed before anything is sent.
+//! - [`Readers`]: a few read-only connections sharing one queue (WAL gives each a
+//!   consistent snapshot while the writer works).
+//! - A checkpointer thread copies the WAL into the database twice a second, so the writer
+//!   never does it while others wait.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::store::{StoreError, StoreResult};
+
+/// Jobs committed together at most.
+const GROUP_MAX: usize = 512;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 128;
+/// The schema, in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init.sql")];
+
+/// Sends a job's result once its transaction's fate is known (`Some`: the commit failed).
+type Reply = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
+/// A job that ran: whether it succeeded (its savepoint is kept) and its reply.
+struct Done {
+    ok: bool,
+    reply: Reply,
+}
+
+type WriteJob = Box<dyn FnOnce(&Connection) -> Done + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Opens a connection with the settings every connection shares, each for a measured
+/// reason (BENCHMARKS.md): NORMAL sync under WAL (a commit survives a process crash, not
+/// a power cut), statement journals in memory instead of temp files, a 16 MiB page cache.
+fn open(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; \
+         PRAGMA cache_size = -16384;",
+    )?;
+    Ok(conn)
+}
+
+/// Opens the database file: WAL on, migrations applied. Returns the writer's connection.
+fn open_writer(path: &Path) -> StoreResult<Connection> {
+    let conn = open(path, false)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!(
+            "the database refused WAL mode (journal mode {mode})"
+        )));
+    }
+    // The writer never checkpoints in its commit path (an automatic checkpoint copies the
+    // WAL and fsyncs while every write waits: the p99 spikes of the benchmark); the
+    // checkpointer does. The large limit is only a backstop should it fall behind.
+    conn.execute_batch(
+        "PRAGMA wal_autocheckpoint = 100000; PRAGMA journal_size_limit = 67108864;",
+    )?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Applies the migrations the database has not seen, each in its own transaction.
+fn migrate(conn: &Connection) -> StoreResult<()> {
+    let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {applied}, newer than this build knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        // `user_version` cannot be bound; it is our own number.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
+    }
+    Ok(())
+}
+
+/// The writing connection's thread, and the checkpointer's. See the module docs.
+#[derive(Clone)]
+pub(super) struct Writer {
+    jobs: mpsc::Sender<WriteJob>,
+    /// Stops the checkpointer when the last handle is dropped.
+    _checkpointer: Arc<mpsc::Sender<()>>,
+}
+
+impl Writer {
+    /// Opens the database (WAL on, migrations applied) and starts its writer and
+    /// checkpointer threads.
+    pub(super) fn spawn(path: &Path) -> StoreResult<Self> {
+        let conn = open_writer(path)?;
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let checkpointer = spawn_checkpointer(path, Arc::clone(&caught_up))?;
+        let (jobs, rx) = mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || run_writer(&conn, &rx, &caught_up))
+            .map_err(|e| StoreError::Corrupt(format!("could not start the writer: {e}")))?;
+        Ok(Self {
+            jobs,
+            _checkpointer: Arc::new(checkpointer),
+        })
+    }
+
+    /// Runs `job` in the next write transaction and returns its result once that
+    /// transaction has committed (or the job's error, its changes rolled back).
+    pub(super) async fn run<T, F>(&self, job: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = job(conn);
+            Done {
+                ok: result.is_ok(),
+                reply: Box::new(move |commit_failed| {
+                    let result = match commit_failed {
+                        Some(e) => Err(StoreError::from(copy_error(e))),
+                        None => result,
+                    };
+                    let _ = reply.send(result);
+                }),
+            }
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Corrupt("the SQLite writer has stopped".to_owned()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Corrupt("the SQLite writer dropped a job".to_owned()))?
+    }
+}
+
+fn run_writer(conn: &Connection, rx: &mpsc::Receiver<WriteJob>, caught_up: &AtomicBool) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(GROUP_MAX);
+    let mut done: Vec<Done> = Vec::with_capacity(GROUP_MAX);
+    // Ends when every `Writer` handle is gone (the store was dropped).
+    while let Ok(first) = rx.recv() {
+        if caught_up.swap(false, Ordering::Relaxed) {
+            // The checkpointer has copied most of the WAL; copying the few frames
+            // written since lets the next transaction start the WAL over from its
+            // beginning (see `spawn_checkpointer`).
+            let started = std::time::Instant::now();
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "WAL catch-up checkpoint failed");
+            }
+            tracing::trace!(
+                us = started.elapsed().as_micros() as u64,
+                "catch-up checkpoint"
+            );
+        }
+        // Whatever queued up while the last transaction committed goes into this one.
+        batch.push(first);
+        while batch.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = std::time::Instant::now();
+        let jobs = batch.len();
+        if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "could not begin a write transaction");
+            // Dropping the jobs answers their callers with an error.
+            batch.clear();
+            continue;
+        }
+        let mut broken = None;
+        for job in batch.drain(..) {
+            if broken.is_some() {
+                continue; // dropped: its caller gets an error
+            }
+            if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
+                broken = Some(e);
+                continue;
+            }
+            let finished = job(conn);
+            let end = if finished.ok {
+                exec_cached(conn, "RELEASE job")
+            } else {
+                exec_cached(conn, "ROLLBACK TO job").and_then(|()| exec_cached(conn, "RELEASE job"))
+            };
+            done.push(finished);
+            if let Err(e) = end {
+                broken = Some(e);
+            }
+        }
+        let ran = began.elapsed();
+        let outcome = match broken {
+            Some(e) => Err(e),
+            None => exec_cached(conn, "COMMIT"),
+        };
+        tracing::trace!(
+            jobs,
+            run_us = ran.as_micros() as u64,
+            total_us = began.elapsed().as_micros() as u64,
+            "write group"
+        );
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "a write transaction failed; rolling it back");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for finished in done.drain(..) {
+            (finished.reply)(outcome.as_ref().err());
+        }
+    }
+}
+
+/// Runs a statement without parameters, prepared once.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// `rusqlite::Error` is not `Clone`; a failed commit is reported to each of its jobs.
+fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+/// Read-only connections, each on its own thread, taking jobs from one queue.
+#[derive(Clone)]
+pub(super) struct Readers {
+    jobs: mpsc::Sender<ReadJob>,
+}
+
+impl Readers {
+    pub(super) fn spawn(path: &Path, count: usize) -> StoreResult<Self> {
+        let (jobs, rx) = mpsc::channel::<ReadJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..count {
+            let conn = open(path, true)?;
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("sqlite-reader-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => break,
+                        };
+                        match job {
+                            Ok(job) => job(&conn),
+                            Err(_) => break, // the store was dropped
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::Corrupt(format!("could not start a reader: {e}")))?;
+        }
+        Ok(Self { jobs })
+    }
+
+    /// Runs `job` on the next free read connection.
+    pub(super) async fn run<T, F>(&self, job: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = reply.send(job(conn));
+            }))
+            .map_err(|_| StoreError::Corrupt("the SQLite readers have stopped".to_owned()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Corrupt("an SQLite reader dropped a job".to_owned()))?
+    }
+}
+
+/// Starts the checkpointer thread; it stops when the returned handle is dropped.
+///
+/// Every half second it copies the WAL into the database with a PASSIVE checkpoint, which
+/// never blocks the writer. That alone is not enough under steady load: the WAL can only
+/// start over from its beginning when a write begins with every frame copied, and frames
+/// keep arriving while the checkpoint runs, so the WAL would grow without end (seen: 366 MB
+/// in a minute, and commits stalling for 100 ms as the file grew). So after each pass it
+/// asks the writer to copy the few frames written meanwhile, between two transactions.
+fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mpsc::Sender<()>> {
+    let conn = open(path, false)?;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("sqlite-checkpointer".to_owned())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(500))
+            {
+                let started = std::time::Instant::now();
+                // (busy, frames in the WAL, frames copied)
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                }) {
+                    Ok((frames, copied)) => {
+                        tracing::trace!(
+                            us = started.elapsed().as_micros() as u64,
+                            frames,
+                            copied,
+                            "checkpoint"
+                        );
+                        if frames > 0 {
+                            caught_up.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                }
+            }
+        })
+        .map_err(|e| StoreError::Corrupt(format!("could not start the checkpointer: {e}")))?;
+    Ok(stop)
+}
