@@ -128,7 +128,9 @@ impl Application {
         if database_url(&config.store).starts_with("sqlite:") {
             // An embedded database has one process: leases left over are from a process
             // that is gone, so its deliveries go again now rather than after the lease.
-            let released = store.release_all_leases().await?;
+            let released = store
+                .release_all_leases(crate::domain::time::now_millis())
+                .await?;
             if released > 0 {
                 tracing::info!(deliveries = released, "released leases of a previous run");
             }

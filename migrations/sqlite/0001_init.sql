@@ -77,7 +77,10 @@ CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, created_at);
 -- An event's deliveries (duplicate publishes count them; the purge and the foreign key
 -- from deliveries to events would otherwise scan the table).
 CREATE INDEX deliveries_by_event ON deliveries (event_seq);
-CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+-- Claims read it from the oldest end. It holds the webhook too, so that rows of webhooks
+-- at their cap are passed over without reading the table. A leased delivery's
+-- next_attempt_at is its lease's end: it is due again only if its attempt never reports.
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at, webhook_id) WHERE status = 'pending';
 
 CREATE TABLE attempts (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -12,7 +12,7 @@
 //! flight: the claim commits before the send, the record starts after it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,14 +31,24 @@ use crate::store::{
 };
 use crate::telemetry::{AttemptLabels, Metrics};
 
-/// Wakes the dispatcher: new events, retries, re-enabled webhooks, finished attempts.
+/// Wakes the dispatcher: new events, retries, re-enabled webhooks.
 #[derive(Clone, Default)]
-pub struct Wakeup(Arc<Notify>);
+pub struct Wakeup(Arc<(Notify, AtomicU64)>);
 
 impl Wakeup {
     pub fn wake(&self) {
+        self.0.1.fetch_add(1, Ordering::Relaxed);
         // `notify_one` keeps a permit when nobody waits, so a wake-up is never lost.
-        self.0.notify_one();
+        self.0.0.notify_one();
+    }
+
+    /// Wake-ups so far.
+    fn count(&self) -> u64 {
+        self.0.1.load(Ordering::Relaxed)
+    }
+
+    async fn notified(&self) {
+        self.0.0.notified().await;
     }
 }
 
@@ -84,6 +94,8 @@ struct InFlight {
     /// The last claim was partial: it found work but less than it had room for, so more
     /// may be due for webhooks that filled up during it.
     partial: AtomicBool,
+    /// Room was freed where work may be waiting (see `finish`).
+    freed: Notify,
 }
 
 impl InFlight {
@@ -94,31 +106,43 @@ impl InFlight {
         }
     }
 
+    fn any_full(&self, per_webhook: u32) -> bool {
+        self.counts
+            .lock()
+            .is_ok_and(|m| m.values().any(|n| *n >= per_webhook))
+    }
+
     fn start(&self, webhook: WebhookId) {
         if let Ok(mut m) = self.counts.lock() {
             *m.entry(webhook).or_default() += 1;
         }
     }
 
-    /// Frees the webhook's place; returns whether the dispatcher should look again (the
-    /// webhook was at its cap, or the last claim was partial).
-    fn finish(&self, webhook: WebhookId, per_webhook: u32) -> bool {
-        let Ok(mut m) = self.counts.lock() else {
-            return true;
+    /// Frees the webhook's place, and tells the dispatcher if that may let waiting work
+    /// go (the webhook was at its cap, or the last claim was partial).
+    fn finish(&self, webhook: WebhookId, per_webhook: u32) {
+        let was_full = match self.counts.lock() {
+            Ok(mut m) => match m.get_mut(&webhook) {
+                Some(n) => {
+                    let was_full = *n >= per_webhook;
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&webhook);
+                    }
+                    was_full
+                }
+                None => false,
+            },
+            Err(_) => true,
         };
-        let Some(n) = m.get_mut(&webhook) else {
-            return true;
-        };
-        let was_full = *n >= per_webhook;
-        *n -= 1;
-        if *n == 0 {
-            m.remove(&webhook);
+        if was_full || self.partial.load(Ordering::Relaxed) {
+            self.freed.notify_one();
         }
-        was_full || self.partial.load(Ordering::Relaxed)
     }
 }
 
 const CLAIM_BATCH: u32 = 256;
+const CLAIM_LINGER: Duration = Duration::from_millis(1);
 const RECORD_BATCH: usize = 512;
 const RECORD_LINGER: Duration = Duration::from_millis(2);
 
@@ -160,6 +184,7 @@ impl Engine {
             let room = u32::try_from(permits.available_permits() + 1).unwrap_or(u32::MAX);
             let want = room.min(CLAIM_BATCH);
             let now = now_millis();
+            let wakeups = self.wakeup.count();
             let claimed = match self
                 .store
                 .claim_due(now, want, &in_flight.room(per_webhook), now + lease_ms)
@@ -197,18 +222,26 @@ impl Engine {
                 attempts.spawn(async move {
                     let finished = engine.attempt(delivery).await;
                     drop(permit);
-                    if in_flight.finish(webhook, per_webhook) {
-                        engine.wakeup.wake();
-                    }
+                    in_flight.finish(webhook, per_webhook);
                     // The recorder only stops after every attempt has finished.
                     let _ = tx.send(finished).await;
                 });
             }
             drop(first);
             if got == 0 {
-                // Nothing is due: sleep until woken, until the next due time, or until
-                // the poll interval passes.
-                let wait = match self.store.next_due_at().await {
+                // Nothing could be claimed: sleep until woken, until the next due time,
+                // or until the poll interval passes.
+                let next_due = self.store.next_due_at().await;
+                // Work is due, none could be claimed, and nothing was published since the
+                // claim began: it is all for webhooks at their cap. Until one of them frees
+                // a place, claiming on every publish would read that backlog again each
+                // time (most of the writer's work under a backlog); a publish for another
+                // webhook meanwhile waits for the next freed place or the poll.
+                let clogged = matches!(next_due, Ok(Some(at)) if at <= now)
+                    && self.wakeup.count() == wakeups
+                    && in_flight.any_full(per_webhook);
+                tracing::trace!(clogged, next_due = ?next_due.as_ref().ok(), now, "nothing claimed");
+                let wait = match next_due {
                     Ok(Some(at)) if at > now => {
                         Duration::from_millis(u64::try_from(at - now).unwrap_or(0))
                             .min(self.settings.poll_interval)
@@ -217,7 +250,8 @@ impl Engine {
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = self.wakeup.0.notified() => {},
+                    _ = self.wakeup.notified(), if !clogged => {},
+                    _ = in_flight.freed.notified() => self.gather_freed_room().await,
                     _ = tokio::time::sleep(wait) => {},
                 }
             } else if u32::try_from(got).unwrap_or(u32::MAX) < want {
@@ -225,11 +259,19 @@ impl Engine {
                 // `InFlight::finish`), as does a publish.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = self.wakeup.0.notified() => {},
+                    _ = self.wakeup.notified() => {},
+                    _ = in_flight.freed.notified() => self.gather_freed_room().await,
                     _ = tokio::time::sleep(self.settings.poll_interval) => {},
                 }
             }
         }
+    }
+
+    /// Room freed by one finished attempt is usually followed by more within a moment:
+    /// claiming for all of it at once costs one claim instead of one per attempt (under a
+    /// backlog, a claim per finished attempt was most of the writer's work).
+    async fn gather_freed_room(&self) {
+        tokio::time::sleep(CLAIM_LINGER).await;
     }
 
     async fn pause(&self, shutdown: &CancellationToken, how_long: Duration) {

@@ -385,7 +385,8 @@ pub trait Store: Send + Sync + 'static {
         lease_until: EpochMillis,
     ) -> StoreResult<Vec<ClaimedDelivery>>;
 
-    /// The earliest `next_attempt_at` of a pending delivery of an active webhook.
+    /// The earliest `next_attempt_at` of a pending delivery (a leased delivery's is the
+    /// end of its lease).
     async fn next_due_at(&self) -> StoreResult<Option<EpochMillis>>;
 
     /// Records attempts (in one transaction) and decides each delivery's next state and
@@ -398,8 +399,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<DeliveryStatus>>;
 
     /// Ends every lease (at start-up of the only process using an embedded database:
-    /// whatever was leased belonged to a process that is gone).
-    async fn release_all_leases(&self) -> StoreResult<u64>;
+    /// whatever was leased belonged to a process that is gone): those deliveries are due
+    /// at `now`.
+    async fn release_all_leases(&self, now: EpochMillis) -> StoreResult<u64>;
 
     /// A webhook's delivery log, newest first, `limit` after `cursor`. `None` if there is
     /// no such webhook.

@@ -553,10 +553,7 @@ impl Store for SqliteStore {
             .run(|conn| {
                 Ok(conn
                     .prepare_cached(
-                        "SELECT MIN(d.next_attempt_at) FROM deliveries d \
-                         JOIN webhooks w ON w.id = d.webhook_id \
-                         WHERE d.status = 'pending' AND d.lease_until IS NULL \
-                           AND w.active = 1 AND w.deleted_at IS NULL",
+                        "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'",
                     )?
                     .query_row([], |r| r.get(0))?)
             })
@@ -575,12 +572,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn release_all_leases(&self) -> StoreResult<u64> {
+    async fn release_all_leases(&self, now: EpochMillis) -> StoreResult<u64> {
         self.writer
-            .run(|conn| {
+            .run(move |conn| {
                 let released = conn.execute(
-                    "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL",
-                    [],
+                    "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1 \
+                     WHERE lease_until IS NOT NULL AND status = 'pending'",
+                    [now],
                 )?;
                 Ok(released as u64)
             })
@@ -810,8 +808,7 @@ impl Store for SqliteStore {
                 let (due, oldest_due_at) = conn
                     .prepare_cached(
                         "SELECT COUNT(*), MIN(next_attempt_at) FROM deliveries \
-                         WHERE status = 'pending' AND next_attempt_at <= ?1 \
-                           AND (lease_until IS NULL OR lease_until <= ?1)",
+                         WHERE status = 'pending' AND next_attempt_at <= ?1",
                     )?
                     .query_row([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 Ok(DeliveryStats {
