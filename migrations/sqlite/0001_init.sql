@@ -83,7 +83,9 @@ CREATE INDEX deliveries_by_event ON deliveries (event_seq);
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at, webhook_id) WHERE status = 'pending';
 
 CREATE TABLE attempts (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- No AUTOINCREMENT: it would write sqlite_sequence on every insert; ids are internal
+    -- (they order a delivery's attempts made in the same millisecond).
+    id               INTEGER PRIMARY KEY,
     delivery_id      TEXT NOT NULL REFERENCES deliveries (id),
     attempted_at     INTEGER NOT NULL,
     response_time_ms INTEGER NOT NULL,

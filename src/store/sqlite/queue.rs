@@ -201,20 +201,33 @@ pub(super) fn claim(
     drop(rows);
     // Then what the attempts need, for the picked rows of active webhooks.
     let mut detail = conn.prepare_cached(
-        "SELECT d.id, d.organization_id, d.environment, d.attempt_count, \
-           e.id AS event_id, e.created_at AS event_created_at, e.payload, \
+        "SELECT d.id, d.organization_id, d.environment, d.attempt_count, d.event_seq, \
+           e.id AS event_id, e.created_at AS event_created_at, \
            w.url, w.secret, w.previous_secret, w.previous_secret_expires_at \
          FROM deliveries d \
          JOIN events e ON e.seq = d.event_seq \
          JOIN webhooks w ON w.id = d.webhook_id \
          WHERE d.rowid = ?1 AND w.active = 1 AND w.deleted_at IS NULL",
     )?;
+    // An event's payload is read once per claim and shared by its deliveries.
+    let mut payload = conn.prepare_cached("SELECT payload FROM events WHERE seq = ?")?;
+    let mut payloads: HashMap<i64, bytes::Bytes> = HashMap::new();
     let mut claimed: Vec<ClaimedDelivery> = Vec::with_capacity(picked.len());
     for (rowid, webhook) in &picked {
         let mut rows = detail.query([rowid])?;
         if let Some(row) = rows.next()? {
+            let seq: i64 = row.get("event_seq")?;
+            let body = match payloads.get(&seq) {
+                Some(body) => body.clone(),
+                None => {
+                    let body: Vec<u8> = payload.query_row([seq], |r| r.get(0))?;
+                    let body = bytes::Bytes::from(body);
+                    payloads.insert(seq, body.clone());
+                    body
+                }
+            };
             let id: String = row.get("id")?;
-            claimed.push(claimed_from_row(row, id, webhook)?);
+            claimed.push(claimed_from_row(row, id, webhook, body)?);
         }
     }
     // A leased delivery is due again when its lease ends: if its attempt never reports,
@@ -230,11 +243,15 @@ pub(super) fn claim(
     Ok(claimed)
 }
 
-fn claimed_from_row(row: &Row, id: String, webhook: &str) -> StoreResult<ClaimedDelivery> {
+fn claimed_from_row(
+    row: &Row,
+    id: String,
+    webhook: &str,
+    payload: bytes::Bytes,
+) -> StoreResult<ClaimedDelivery> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
     let org: String = row.get("organization_id")?;
     let env: String = row.get("environment")?;
-    let payload: Vec<u8> = row.get("payload")?;
     let attempts: i64 = row.get("attempt_count")?;
     Ok(ClaimedDelivery {
         delivery_id: id.parse().map_err(|_| corrupt("id"))?,
@@ -247,7 +264,7 @@ fn claimed_from_row(row: &Row, id: String, webhook: &str) -> StoreResult<Claimed
         secrets: sealed_from_row(row)?,
         event_id: row.get("event_id")?,
         event_created_at: row.get("event_created_at")?,
-        payload: payload.into(),
+        payload,
         attempts_made: u32::try_from(attempts).unwrap_or(0),
         lease_until: 0,
     })
@@ -262,65 +279,67 @@ pub(super) fn record(
     policy: &DeliveryPolicy,
     now: EpochMillis,
 ) -> StoreResult<Vec<DeliveryStatus>> {
-    // Where each delivery stands now. One can vanish while in flight (purged past the
-    // retention): its report is dropped rather than failing the whole batch. One whose
-    // lease is no longer this claim's (it expired and the delivery was claimed again) is
-    // stale: its attempt is logged, but it decides nothing.
-    let mut current: HashMap<String, (String, Option<i64>)> = HashMap::new();
-    {
-        let mut stmt =
-            conn.prepare_cached("SELECT status, lease_until FROM deliveries WHERE id = ?")?;
-        for r in reports {
-            let id = r.delivery_id.to_string();
-            if let Some(found) = stmt
-                .query_row([&id], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()?
-            {
-                current.insert(id, found);
-            }
+    let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.to_string()).collect();
+    // What was decided for each report, and whether its delivery still exists.
+    let mut decided: Vec<Option<DeliveryStatus>> = vec![None; reports.len()];
+    let mut exists = vec![false; reports.len()];
+    // Whether the report's lease is still the delivery's: one whose lease expired and was
+    // claimed again is stale; its attempt is logged, but it decides nothing.
+    let mut current = vec![false; reports.len()];
+    // Where a stale or vanished delivery stands (one can vanish while in flight, purged
+    // past the retention: its report is dropped rather than failing the whole batch).
+    let mut standing: Vec<Option<DeliveryStatus>> = vec![None; reports.len()];
+
+    // Successes (the common case) in one statement each: the delivery is done if the
+    // lease is still this attempt's.
+    let mut succeed = conn.prepare_cached(
+        "UPDATE deliveries SET status = 'succeeded', attempt_count = attempt_count + 1, \
+           lease_until = NULL, next_attempt_at = NULL, updated_at = ?1 \
+         WHERE id = ?2 AND status = 'pending' AND lease_until = ?3",
+    )?;
+    let mut lookup =
+        conn.prepare_cached("SELECT status, lease_until FROM deliveries WHERE id = ?")?;
+    for (i, r) in reports.iter().enumerate() {
+        if r.succeeded
+            && !r.internal_error
+            && succeed.execute(params![now, ids[i], r.lease_until])? == 1
+        {
+            exists[i] = true;
+            current[i] = true;
+            decided[i] = Some(DeliveryStatus::Succeeded);
+            continue;
+        }
+        let found: Option<(String, Option<i64>)> = lookup
+            .query_row([&ids[i]], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        if let Some((status, lease)) = found {
+            exists[i] = true;
+            current[i] = status == "pending" && lease == Some(r.lease_until);
+            standing[i] = DeliveryStatus::parse(&status);
         }
     }
-    let is_current = |r: &AttemptReport| {
-        current
-            .get(&r.delivery_id.to_string())
-            .is_some_and(|(status, lease)| status == "pending" && *lease == Some(r.lease_until))
-    };
-    let mut decided: HashMap<String, DeliveryStatus> = HashMap::new();
-    for r in reports {
-        // Every attempt that was sent, stale ones included.
-        if !r.internal_error && current.contains_key(&r.delivery_id.to_string()) {
+    // Every attempt that was sent, stale ones included.
+    for (i, r) in reports.iter().enumerate() {
+        if exists[i] && !r.internal_error {
             insert_attempt(conn, r.delivery_id, &r.attempt)?;
         }
     }
     // Our own faults: try again in a minute, counting nothing against the endpoint.
-    for r in reports.iter().filter(|r| r.internal_error && is_current(r)) {
-        conn.prepare_cached(
-            "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1, updated_at = ?2 \
-             WHERE id = ?3",
-        )?
-        .execute(params![
-            now + INTERNAL_ERROR_RETRY_MS,
-            now,
-            r.delivery_id.to_string()
-        ])?;
-        decided.insert(r.delivery_id.to_string(), DeliveryStatus::Pending);
+    for (i, r) in reports.iter().enumerate() {
+        if r.internal_error && current[i] {
+            conn.prepare_cached(
+                "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1, \
+                   updated_at = ?2 WHERE id = ?3",
+            )?
+            .execute(params![now + INTERNAL_ERROR_RETRY_MS, now, ids[i]])?;
+            decided[i] = Some(DeliveryStatus::Pending);
+        }
     }
-    let reports_current: Vec<&AttemptReport> = reports
-        .iter()
-        .filter(|r| !r.internal_error && is_current(r))
-        .collect();
-
-    // Successes: the deliveries are done; their webhooks' failure clocks stop.
-    let mut succeeded = conn.prepare_cached(
-        "UPDATE deliveries SET status = 'succeeded', attempt_count = attempt_count + 1, \
-           lease_until = NULL, next_attempt_at = NULL, updated_at = ?1 WHERE id = ?2",
-    )?;
-    // The last success per webhook in this batch; failures before it do not count
-    // towards `consecutive_failures` (a success came after them).
+    // The last success per webhook in this batch stops its failure clock; failures before
+    // it do not count towards `consecutive_failures` (a success came after them).
     let mut last_success: HashMap<String, usize> = HashMap::new();
-    for (i, r) in reports_current.iter().enumerate() {
-        if r.succeeded {
-            succeeded.execute(params![now, r.delivery_id.to_string()])?;
+    for (i, r) in reports.iter().enumerate() {
+        if decided[i] == Some(DeliveryStatus::Succeeded) {
             last_success.insert(r.webhook_id.to_string(), i);
         }
     }
@@ -331,29 +350,19 @@ pub(super) fn record(
     for webhook in last_success.keys() {
         clock.execute(params![now, webhook])?;
     }
-
-    for (i, report) in reports_current.iter().enumerate() {
-        let status = if report.succeeded {
-            DeliveryStatus::Succeeded
-        } else {
-            let webhook_id = report.webhook_id.to_string();
-            let counts = last_success.get(&webhook_id).is_none_or(|&s| s < i);
-            record_failure(conn, report, counts, policy, now)?
-        };
-        decided.insert(report.delivery_id.to_string(), status);
+    // Failures, one by one on the careful path.
+    for (i, r) in reports.iter().enumerate() {
+        if current[i] && !r.internal_error && !r.succeeded {
+            let counts = last_success
+                .get(&r.webhook_id.to_string())
+                .is_none_or(|&s| s < i);
+            decided[i] = Some(record_failure(conn, r, counts, policy, now)?);
+        }
     }
-    Ok(reports
-        .iter()
-        .map(|r| {
-            let id = r.delivery_id.to_string();
-            decided.get(&id).copied().unwrap_or_else(|| {
-                // Stale or vanished: report where the delivery stands.
-                current
-                    .get(&id)
-                    .and_then(|(status, _)| DeliveryStatus::parse(status))
-                    .unwrap_or(DeliveryStatus::Cancelled)
-            })
-        })
+    Ok(decided
+        .into_iter()
+        .zip(standing)
+        .map(|(decided, standing)| decided.or(standing).unwrap_or(DeliveryStatus::Cancelled))
         .collect())
 }
 
