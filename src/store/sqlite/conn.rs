@@ -207,13 +207,19 @@ fn run_writer(conn: &Connection, rx: &mpsc::Receiver<WriteJob>, caught_up: &Atom
                 broken = Some(e);
                 continue;
             }
-            let finished = job(conn);
-            let end = if finished.ok {
+            // A job that panics (a bug) fails alone: its changes are rolled back, its caller
+            // gets an error (its reply is dropped), and the writer lives on.
+            let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
+                .inspect_err(|_| {
+                    tracing::error!("a write job panicked; its changes are rolled back")
+                })
+                .ok();
+            let end = if finished.as_ref().is_some_and(|f| f.ok) {
                 exec_cached(conn, "RELEASE job")
             } else {
                 exec_cached(conn, "ROLLBACK TO job").and_then(|()| exec_cached(conn, "RELEASE job"))
             };
-            done.push(finished);
+            done.extend(finished);
             if let Err(e) = end {
                 broken = Some(e);
             }
@@ -281,7 +287,16 @@ impl Readers {
                             Err(_) => break,
                         };
                         match job {
-                            Ok(job) => job(&conn),
+                            // A job that panics (a bug) loses its reply, not the reader.
+                            Ok(job) => {
+                                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    job(&conn)
+                                }))
+                                .is_err()
+                                {
+                                    tracing::error!("a read job panicked");
+                                }
+                            }
                             Err(_) => break, // the store was dropped
                         }
                     }
@@ -348,4 +363,57 @@ fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mp
         })
         .map_err(|e| StoreError::Corrupt(format!("could not start the checkpointer: {e}")))?;
     Ok(stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(conn: &Connection, name: &str) -> StoreResult<i64> {
+        Ok(conn.query_row(
+            "SELECT COUNT(*) FROM organizations WHERE name = ?",
+            [name],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn insert(conn: &Connection, name: &str) -> StoreResult<()> {
+        conn.execute(
+            "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, 0)",
+            [format!("org-{name}"), name.to_owned()],
+        )?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_job_rolls_back_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let writer = Writer::spawn(&path).expect("writer");
+        let readers = Readers::spawn(&path, 1).expect("readers");
+        // Queued together, so they usually share one transaction.
+        let (kept, failed, panicked) = tokio::join!(
+            writer.run(|c| insert(c, "kept")),
+            writer.run(|c| {
+                insert(c, "failed")?;
+                Err::<(), _>(StoreError::NotFound)
+            }),
+            writer.run(|c| {
+                insert(c, "panicked")?;
+                if count(c, "panicked")? == 1 {
+                    panic!("a bug in a job");
+                }
+                Ok(())
+            }),
+        );
+        assert!(kept.is_ok());
+        assert!(matches!(failed, Err(StoreError::NotFound)));
+        assert!(panicked.is_err());
+        for (name, expected) in [("kept", 1), ("failed", 0), ("panicked", 0)] {
+            let n = readers.run(move |c| count(c, name)).await.expect("count");
+            assert_eq!(n, expected, "{name}");
+        }
+        // The writer lives on.
+        writer.run(|c| insert(c, "after")).await.expect("after");
+    }
 }
