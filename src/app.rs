@@ -151,6 +151,8 @@ impl Application {
                 per_webhook: config.webhook_concurrency.get(),
                 poll_interval: config.poll_interval,
                 lease: config.delivery_timeout + Duration::from_secs(5),
+                // What the lease leaves over an attempt's timeout, less a second.
+                queued_at_most: Duration::from_secs(4),
                 retention: config.retention,
             },
             wakeup: wakeup.clone(),

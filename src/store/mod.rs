@@ -240,10 +240,19 @@ pub struct AttemptReport {
     /// The claim's lease: a report whose lease is no longer the delivery's (it expired and
     /// the delivery was claimed again) is kept in the log but changes nothing.
     pub lease_until: EpochMillis,
-    /// Nothing was sent because of a fault of ours (a signing secret that cannot be
-    /// opened): no attempt is recorded, nothing counts against the endpoint, and the
-    /// delivery is tried again later.
-    pub internal_error: bool,
+    /// Nothing was sent, and why: no attempt is recorded, nothing counts against the
+    /// endpoint, and the delivery is due again (see `Unsent`).
+    pub unsent: Option<Unsent>,
+}
+
+/// Why a claimed delivery was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// A fault of ours (a signing secret that cannot be opened): due again in a minute.
+    InternalError,
+    /// It waited too long for a place among its webhook's attempts (the webhook is slow),
+    /// so its lease could not cover an attempt any more: due again at once.
+    WaitedTooLong,
 }
 
 /// What the store decides with when it records an attempt.

@@ -8,7 +8,7 @@ use vignetim_webhooks::domain::retry::RetrySchedule;
 use vignetim_webhooks::store::sqlite::SqliteStore;
 use vignetim_webhooks::store::{
     AttemptRecord, AttemptReport, ClaimRoom, DeliveryPolicy, DeliveryStatus, NewEvent, NewWebhook,
-    Organization, Store, Tenant,
+    Organization, Store, Tenant, Unsent,
 };
 
 async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, WebhookId) {
@@ -76,7 +76,7 @@ fn report(
         retry_after: None,
         jitter_draw: 0.5,
         lease_until,
-        internal_error: false,
+        unsent: None,
     }
 }
 
@@ -151,7 +151,7 @@ async fn an_internal_error_puts_the_delivery_back_without_counting() {
         .await
         .expect("claim");
     let mut r = report(&claimed[0], false, claimed[0].lease_until);
-    r.internal_error = true;
+    r.unsent = Some(Unsent::InternalError);
     let statuses = store
         .record_attempts(&[r], &policy(), 100)
         .await

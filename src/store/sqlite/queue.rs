@@ -16,7 +16,7 @@ use crate::domain::retry::should_disable;
 use crate::domain::time::EpochMillis;
 use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
-    NewEvent, Published, SealedSecrets, StoreError, StoreResult, Tenant,
+    NewEvent, Published, SealedSecrets, StoreError, StoreResult, Tenant, Unsent,
 };
 
 /// When a delivery could not be attempted through a fault of ours, it is tried again
@@ -301,7 +301,7 @@ pub(super) fn record(
         conn.prepare_cached("SELECT status, lease_until FROM deliveries WHERE id = ?")?;
     for (i, r) in reports.iter().enumerate() {
         if r.succeeded
-            && !r.internal_error
+            && r.unsent.is_none()
             && succeed.execute(params![now, ids[i], r.lease_until])? == 1
         {
             exists[i] = true;
@@ -320,20 +320,26 @@ pub(super) fn record(
     }
     // Every attempt that was sent, stale ones included.
     for (i, r) in reports.iter().enumerate() {
-        if exists[i] && !r.internal_error {
+        if exists[i] && r.unsent.is_none() {
             insert_attempt(conn, r.delivery_id, &r.attempt)?;
         }
     }
-    // Our own faults: try again in a minute, counting nothing against the endpoint.
+    // Not sent: due again (a minute later for our own faults), counting nothing against
+    // the endpoint.
     for (i, r) in reports.iter().enumerate() {
-        if r.internal_error && current[i] {
-            conn.prepare_cached(
-                "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1, \
-                   updated_at = ?2 WHERE id = ?3",
-            )?
-            .execute(params![now + INTERNAL_ERROR_RETRY_MS, now, ids[i]])?;
-            decided[i] = Some(DeliveryStatus::Pending);
-        }
+        let Some(unsent) = r.unsent.filter(|_| current[i]) else {
+            continue;
+        };
+        let due = match unsent {
+            Unsent::InternalError => now + INTERNAL_ERROR_RETRY_MS,
+            Unsent::WaitedTooLong => now,
+        };
+        conn.prepare_cached(
+            "UPDATE deliveries SET lease_until = NULL, next_attempt_at = ?1, \
+               updated_at = ?2 WHERE id = ?3",
+        )?
+        .execute(params![due, now, ids[i]])?;
+        decided[i] = Some(DeliveryStatus::Pending);
     }
     // The last success per webhook in this batch stops its failure clock; failures before
     // it do not count towards `consecutive_failures` (a success came after them).
@@ -352,7 +358,7 @@ pub(super) fn record(
     }
     // Failures, one by one on the careful path.
     for (i, r) in reports.iter().enumerate() {
-        if current[i] && !r.internal_error && !r.succeeded {
+        if current[i] && r.unsent.is_none() && !r.succeeded {
             let counts = last_success
                 .get(&r.webhook_id.to_string())
                 .is_none_or(|&s| s < i);
