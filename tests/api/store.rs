@@ -219,3 +219,33 @@ async fn a_claim_gives_a_webhook_at_its_cap_nothing() {
         .expect("claim");
     assert!(again.is_empty());
 }
+
+#[tokio::test]
+async fn a_delivery_that_waited_too_long_is_due_again_at_once_unsent() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    let claimed = store
+        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
+        .await
+        .expect("claim");
+    let mut r = report(&claimed[0], false, claimed[0].lease_until);
+    r.unsent = Some(Unsent::WaitedTooLong);
+    let statuses = store
+        .record_attempts(&[r], &policy(), 400)
+        .await
+        .expect("record");
+    assert_eq!(statuses, vec![DeliveryStatus::Pending]);
+    let (view, attempts) = store
+        .get_delivery(tenant, webhook, claimed[0].delivery_id)
+        .await
+        .expect("get")
+        .expect("delivery");
+    assert!(attempts.is_empty(), "nothing was sent");
+    assert_eq!(view.attempt_count, 0);
+    assert_eq!(view.next_attempt_at, Some(400));
+    // And it is claimed again at once.
+    let again = store
+        .claim_due(401, 10, &ClaimRoom::empty(10), 2_000)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+}
