@@ -118,7 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             publish_secs: 8,
             e2e_events: args.e2e_events.unwrap_or(3_000),
             latency_secs: 15,
-            hang_events: 1_000,
+            hang_events: 3_000,
         }
     };
     let scenarios: Vec<&str> = args.scenarios.split(',').map(str::trim).collect();

@@ -233,7 +233,14 @@ impl Engine {
         attempts: &TaskTracker,
         tx: mpsc::Sender<Finished>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        // Claimed and unfinished deliveries, in all: the claims' budget (twice the
+        // attempts in flight, like each webhook's).
+        let permits = Arc::new(Semaphore::new(
+            self.settings.concurrency.saturating_mul(PREFETCH) as usize,
+        ));
+        // Attempts in flight, in all. A delivery waiting for its turn holds none, so a
+        // hanging webhook's waiting deliveries take no place from the healthy ones.
+        let sending = Arc::new(Semaphore::new(self.settings.concurrency as usize));
         let in_flight = Arc::new(InFlight::default());
         let per_webhook = self.settings.per_webhook;
         // Deliveries a claim may hold per webhook: its places and as many waiting.
@@ -286,16 +293,22 @@ impl Engine {
                 let in_flight = Arc::clone(&in_flight);
                 let webhook = delivery.webhook_id;
                 let places = in_flight.start(webhook, per_webhook);
+                let sending = Arc::clone(&sending);
                 attempts.spawn(async move {
+                    let turn = async {
+                        let place = places.acquire_owned().await?;
+                        let slot = sending.acquire_owned().await?;
+                        Ok::<_, tokio::sync::AcquireError>((place, slot))
+                    };
                     let wait = engine.settings.queued_at_most;
-                    let finished = match tokio::time::timeout(wait, places.acquire_owned()).await {
-                        Ok(Ok(place)) => {
+                    let finished = match tokio::time::timeout(wait, turn).await {
+                        Ok(Ok(turn)) => {
                             let finished = engine.attempt(delivery).await;
-                            drop(place);
+                            drop(turn);
                             finished
                         }
-                        // The webhook is slow: its lease could not cover an attempt any
-                        // more. Put it back, unsent.
+                        // Its webhook (or the service) is slow: its lease could not cover
+                        // an attempt any more. Put it back, unsent.
                         _ => Finished::unsent(delivery, Unsent::WaitedTooLong),
                     };
                     drop(permit);
