@@ -294,6 +294,7 @@ impl Engine {
                 let webhook = delivery.webhook_id;
                 let places = in_flight.start(webhook, per_webhook);
                 let sending = Arc::clone(&sending);
+                let shutdown = shutdown.clone();
                 attempts.spawn(async move {
                     let turn = async {
                         let place = places.acquire_owned().await?;
@@ -301,15 +302,20 @@ impl Engine {
                         Ok::<_, tokio::sync::AcquireError>((place, slot))
                     };
                     let wait = engine.settings.queued_at_most;
-                    let finished = match tokio::time::timeout(wait, turn).await {
-                        Ok(Ok(turn)) => {
+                    let turn = tokio::select! {
+                        turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
+                        // Shutting down: a delivery still waiting is left to the next start.
+                        _ = shutdown.cancelled() => None,
+                    };
+                    let finished = match turn {
+                        Some(turn) => {
                             let finished = engine.attempt(delivery).await;
                             drop(turn);
                             finished
                         }
                         // Its webhook (or the service) is slow: its lease could not cover
                         // an attempt any more. Put it back, unsent.
-                        _ => Finished::unsent(delivery, Unsent::WaitedTooLong),
+                        None => Finished::unsent(delivery, Unsent::WaitedTooLong),
                     };
                     drop(permit);
                     in_flight.finish(webhook, limit);
@@ -322,11 +328,12 @@ impl Engine {
                 // Nothing could be claimed: sleep until woken, until the next due time,
                 // or until the poll interval passes.
                 let next_due = self.store.next_due_at().await;
-                // Work is due, none could be claimed, and nothing was published since the
-                // claim began: it is all for webhooks at their cap. Until one of them frees
-                // a place, claiming on every publish would read that backlog again each
-                // time (most of the writer's work under a backlog); a publish for another
-                // webhook meanwhile waits for the next freed place or the poll.
+                // Work is due, none could be claimed, a webhook is full, and nothing was
+                // published since the claim began: the due work is all for full webhooks.
+                // Until one of them frees room, claiming on every publish would read that
+                // backlog again each time (most of the writer's work under a backlog); a
+                // publish for another webhook meanwhile waits for the next freed room or
+                // the poll.
                 let clogged = matches!(next_due, Ok(Some(at)) if at <= now)
                     && self.wakeup.count() == wakeups
                     && in_flight.any_full(limit);

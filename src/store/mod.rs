@@ -251,7 +251,8 @@ pub enum Unsent {
     /// A fault of ours (a signing secret that cannot be opened): due again in a minute.
     InternalError,
     /// It waited too long for a place among its webhook's attempts (the webhook is slow),
-    /// so its lease could not cover an attempt any more: due again at once.
+    /// so its lease could not cover an attempt any more, or the service was shutting down
+    /// while it waited: due again at once.
     WaitedTooLong,
 }
 
