@@ -249,3 +249,65 @@ async fn a_delivery_that_waited_too_long_is_due_again_at_once_unsent() {
         .expect("claim");
     assert_eq!(again.len(), 1);
 }
+
+#[tokio::test]
+async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
+    let (_dir, store, tenant, paused) = store_with_one_delivery().await;
+    // 300 more due deliveries for the first webhook, ahead of a second webhook's one.
+    for n in 0..300 {
+        store
+            .publish_event(tenant, &event(format!("p{n}"), 2))
+            .await
+            .expect("publish");
+    }
+    // All of them claimed, then the webhook paused while they are in flight, then their
+    // leases run out: they are pending, due, and their webhook inactive.
+    let claimed = store
+        .claim_due(5, 256, &ClaimRoom::empty(1_000), 10)
+        .await
+        .expect("claim");
+    let more = store
+        .claim_due(6, 256, &ClaimRoom::empty(1_000), 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len() + more.len(), 301);
+    let patch = vignetim_webhooks::store::WebhookPatch {
+        resume_since: 0,
+        url: None,
+        events: None,
+        description: None,
+        active: Some(false),
+        updated_at: 7,
+    };
+    store
+        .update_webhook(tenant, paused, &patch)
+        .await
+        .expect("pause");
+    let healthy = WebhookId::new();
+    store
+        .create_webhook(
+            tenant,
+            &NewWebhook {
+                id: healthy,
+                url: "https://example.com/other".into(),
+                events: vec!["*".into()],
+                description: None,
+                sealed_secret: vec![1, 2, 3],
+                created_at: 8,
+            },
+            10,
+        )
+        .await
+        .expect("webhook");
+    store
+        .publish_event(tenant, &event("h1", 20))
+        .await
+        .expect("publish");
+    // Past the leases: the paused webhook's 301 rows come first in the due index.
+    let next = store
+        .claim_due(30, 10, &ClaimRoom::empty(16), 1_000)
+        .await
+        .expect("claim");
+    assert_eq!(next.len(), 1, "the other webhook's delivery is claimed");
+    assert_eq!(next[0].webhook_id, healthy);
+}
