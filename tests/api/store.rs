@@ -25,25 +25,31 @@ async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, W
         organization_id: org.id,
         environment: Environment::Sandbox,
     };
-    let webhook = WebhookId::new();
+    let webhook = add_webhook(&store, tenant, "https://example.com/hook", 0).await;
+    let event = event("e1", 1);
+    store.publish_event(tenant, &event).await.expect("publish");
+    (dir, store, tenant, webhook)
+}
+
+/// A webhook subscribed to everything.
+async fn add_webhook(store: &SqliteStore, tenant: Tenant, url: &str, created_at: i64) -> WebhookId {
+    let id = WebhookId::new();
     store
         .create_webhook(
             tenant,
             &NewWebhook {
-                id: webhook,
-                url: "https://example.com/hook".into(),
+                id,
+                url: url.into(),
                 events: vec!["*".into()],
                 description: None,
                 sealed_secret: vec![1, 2, 3],
-                created_at: 0,
+                created_at,
             },
             10,
         )
         .await
         .expect("webhook");
-    let event = event("e1", 1);
-    store.publish_event(tenant, &event).await.expect("publish");
-    (dir, store, tenant, webhook)
+    id
 }
 
 /// An `order.completed` event with an empty object as data.
@@ -143,17 +149,27 @@ async fn a_stale_report_is_logged_but_decides_nothing() {
     );
 }
 
-#[tokio::test]
-async fn an_internal_error_puts_the_delivery_back_without_counting() {
-    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+/// Claims the one delivery, reports it unsent for `why` at `now`, and checks that it is
+/// pending with no attempt logged or counted; returns where it stands.
+async fn put_back_unsent(
+    why: Unsent,
+    now: i64,
+) -> (
+    tempfile::TempDir,
+    SqliteStore,
+    Tenant,
+    WebhookId,
+    vignetim_webhooks::store::DeliveryView,
+) {
+    let (dir, store, tenant, webhook) = store_with_one_delivery().await;
     let claimed = store
         .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
         .await
         .expect("claim");
     let mut r = report(&claimed[0], false, claimed[0].lease_until);
-    r.unsent = Some(Unsent::InternalError);
+    r.unsent = Some(why);
     let statuses = store
-        .record_attempts(&[r], &policy(), 100)
+        .record_attempts(&[r], &policy(), now)
         .await
         .expect("record");
     assert_eq!(statuses, vec![DeliveryStatus::Pending]);
@@ -162,8 +178,14 @@ async fn an_internal_error_puts_the_delivery_back_without_counting() {
         .await
         .expect("get")
         .expect("delivery");
-    assert!(attempts.is_empty());
+    assert!(attempts.is_empty(), "nothing was sent");
     assert_eq!(view.attempt_count, 0);
+    (dir, store, tenant, webhook, view)
+}
+
+#[tokio::test]
+async fn an_internal_error_puts_the_delivery_back_without_counting() {
+    let (_dir, store, tenant, webhook, view) = put_back_unsent(Unsent::InternalError, 100).await;
     assert_eq!(view.next_attempt_at, Some(100 + 60_000));
     let w = store
         .get_webhook(tenant, webhook)
@@ -222,25 +244,7 @@ async fn a_claim_gives_a_webhook_at_its_cap_nothing() {
 
 #[tokio::test]
 async fn a_delivery_that_waited_too_long_is_due_again_at_once_unsent() {
-    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
-    let claimed = store
-        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
-        .await
-        .expect("claim");
-    let mut r = report(&claimed[0], false, claimed[0].lease_until);
-    r.unsent = Some(Unsent::WaitedTooLong);
-    let statuses = store
-        .record_attempts(&[r], &policy(), 400)
-        .await
-        .expect("record");
-    assert_eq!(statuses, vec![DeliveryStatus::Pending]);
-    let (view, attempts) = store
-        .get_delivery(tenant, webhook, claimed[0].delivery_id)
-        .await
-        .expect("get")
-        .expect("delivery");
-    assert!(attempts.is_empty(), "nothing was sent");
-    assert_eq!(view.attempt_count, 0);
+    let (_dir, store, _tenant, _webhook, view) = put_back_unsent(Unsent::WaitedTooLong, 400).await;
     assert_eq!(view.next_attempt_at, Some(400));
     // And it is claimed again at once.
     let again = store
@@ -283,22 +287,7 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
         .update_webhook(tenant, paused, &patch)
         .await
         .expect("pause");
-    let healthy = WebhookId::new();
-    store
-        .create_webhook(
-            tenant,
-            &NewWebhook {
-                id: healthy,
-                url: "https://example.com/other".into(),
-                events: vec!["*".into()],
-                description: None,
-                sealed_secret: vec![1, 2, 3],
-                created_at: 8,
-            },
-            10,
-        )
-        .await
-        .expect("webhook");
+    let healthy = add_webhook(&store, tenant, "https://example.com/other", 8).await;
     store
         .publish_event(tenant, &event("h1", 20))
         .await
