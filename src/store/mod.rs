@@ -317,6 +317,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error")]
     Database(#[from] rusqlite::Error),
+    /// The database cannot be used: it could not be opened, or a thread that serves it
+    /// could not start or has stopped.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -71,7 +71,7 @@ fn open_writer(path: &Path) -> StoreResult<Connection> {
     let conn = open(path, false)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!(
+        return Err(StoreError::Unavailable(format!(
             "the database refused WAL mode (journal mode {mode})"
         )));
     }
@@ -124,10 +124,9 @@ impl Writer {
         let caught_up = Arc::new(AtomicBool::new(false));
         let checkpointer = spawn_checkpointer(path, Arc::clone(&caught_up))?;
         let (jobs, rx) = mpsc::channel::<WriteJob>();
-        std::thread::Builder::new()
-            .name("sqlite-writer".to_owned())
-            .spawn(move || run_writer(&conn, &rx, &caught_up))
-            .map_err(|e| StoreError::Corrupt(format!("could not start the writer: {e}")))?;
+        spawn_thread("sqlite-writer".to_owned(), move || {
+            run_writer(&conn, &rx, &caught_up)
+        })?;
         Ok(Self {
             jobs,
             _checkpointer: Arc::new(checkpointer),
@@ -157,10 +156,10 @@ impl Writer {
         });
         self.jobs
             .send(job)
-            .map_err(|_| StoreError::Corrupt("the SQLite writer has stopped".to_owned()))?;
+            .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".to_owned()))?;
         answer
             .await
-            .map_err(|_| StoreError::Corrupt("the SQLite writer dropped a job".to_owned()))?
+            .map_err(|_| StoreError::Unavailable("the SQLite writer dropped a job".to_owned()))?
     }
 }
 
@@ -245,6 +244,22 @@ fn run_writer(conn: &Connection, rx: &mpsc::Receiver<WriteJob>, caught_up: &Atom
     }
 }
 
+/// Starts a named thread for a connection.
+fn spawn_thread(name: String, body: impl FnOnce() + Send + 'static) -> StoreResult<()> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(body)
+        .map(drop)
+        .map_err(|e| StoreError::Unavailable(format!("could not start {name}: {e}")))
+}
+
+/// Runs a job so that a panic in it (a bug) fails the job, not the connection's thread.
+fn surviving_panic<R>(what: &str, job: impl FnOnce() -> R) -> Option<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+        .inspect_err(|_| tracing::error!("{what} panicked"))
+        .ok()
+}
+
 /// Runs a statement without parameters, prepared once.
 fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([])?;
@@ -277,31 +292,22 @@ impl Readers {
         for i in 0..count {
             let conn = open(path, true)?;
             let rx = Arc::clone(&rx);
-            std::thread::Builder::new()
-                .name(format!("sqlite-reader-{i}"))
-                .spawn(move || {
-                    loop {
-                        // The lock is held only while waiting for the next job.
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => break,
-                        };
-                        match job {
-                            // A job that panics (a bug) loses its reply, not the reader.
-                            Ok(job) => {
-                                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    job(&conn)
-                                }))
-                                .is_err()
-                                {
-                                    tracing::error!("a read job panicked");
-                                }
-                            }
-                            Err(_) => break, // the store was dropped
+            spawn_thread(format!("sqlite-reader-{i}"), move || {
+                loop {
+                    // The lock is held only while waiting for the next job.
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => break,
+                    };
+                    match job {
+                        // A job that panics (a bug) loses its reply, not the reader.
+                        Ok(job) => {
+                            let _ = surviving_panic("a read job", || job(&conn));
                         }
+                        Err(_) => break, // the store was dropped
                     }
-                })
-                .map_err(|e| StoreError::Corrupt(format!("could not start a reader: {e}")))?;
+                }
+            })?;
         }
         Ok(Self { jobs })
     }
@@ -317,10 +323,10 @@ impl Readers {
             .send(Box::new(move |conn| {
                 let _ = reply.send(job(conn));
             }))
-            .map_err(|_| StoreError::Corrupt("the SQLite readers have stopped".to_owned()))?;
+            .map_err(|_| StoreError::Unavailable("the SQLite readers have stopped".to_owned()))?;
         answer
             .await
-            .map_err(|_| StoreError::Corrupt("an SQLite reader dropped a job".to_owned()))?
+            .map_err(|_| StoreError::Unavailable("an SQLite reader dropped a job".to_owned()))?
     }
 }
 
@@ -335,33 +341,30 @@ impl Readers {
 fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mpsc::Sender<()>> {
     let conn = open(path, false)?;
     let (stop, stopped) = mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("sqlite-checkpointer".to_owned())
-        .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(Duration::from_millis(500))
-            {
-                let started = std::time::Instant::now();
-                // (busy, frames in the WAL, frames copied)
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                }) {
-                    Ok((frames, copied)) => {
-                        tracing::trace!(
-                            us = started.elapsed().as_micros() as u64,
-                            frames,
-                            copied,
-                            "checkpoint"
-                        );
-                        if frames > 0 {
-                            caught_up.store(true, Ordering::Relaxed);
-                        }
+    spawn_thread("sqlite-checkpointer".to_owned(), move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(Duration::from_millis(500))
+        {
+            let started = std::time::Instant::now();
+            // (busy, frames in the WAL, frames copied)
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            }) {
+                Ok((frames, copied)) => {
+                    tracing::trace!(
+                        us = started.elapsed().as_micros() as u64,
+                        frames,
+                        copied,
+                        "checkpoint"
+                    );
+                    if frames > 0 {
+                        caught_up.store(true, Ordering::Relaxed);
                     }
-                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
                 }
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
             }
-        })
-        .map_err(|e| StoreError::Corrupt(format!("could not start the checkpointer: {e}")))?;
+        }
+    })?;
     Ok(stop)
 }
 

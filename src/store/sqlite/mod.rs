@@ -44,7 +44,7 @@ impl SqliteStore {
         let path = path_of_url(url)?;
         tokio::task::spawn_blocking(move || Self::open_path(&path))
             .await
-            .map_err(|e| StoreError::Corrupt(format!("opening the database: {e}")))?
+            .map_err(|e| StoreError::Unavailable(format!("opening the database: {e}")))?
     }
 
     fn open_path(path: &Path) -> StoreResult<Self> {
@@ -59,10 +59,10 @@ fn path_of_url(url: &str) -> StoreResult<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
-        .ok_or_else(|| StoreError::Corrupt(format!("not a sqlite: URL: {url}")))?;
+        .ok_or_else(|| StoreError::Unavailable(format!("not a sqlite: URL: {url}")))?;
     let path = rest.split('?').next().unwrap_or(rest);
     if path.is_empty() {
-        return Err(StoreError::Corrupt(
+        return Err(StoreError::Unavailable(
             "the sqlite: URL names no file".to_owned(),
         ));
     }
