@@ -395,38 +395,28 @@ impl Engine {
     async fn attempt_in_span(&self, delivery: ClaimedDelivery) -> Finished {
         let started_at = now_millis();
         let webhook_id = delivery.webhook_id.to_string();
-        let mut unsent = None;
-        let outcome = match open_secrets(&self.key, &webhook_id, &delivery.secrets, started_at) {
-            Ok(secrets) => {
-                let refs: Vec<&SigningSecret> = secrets.iter().collect();
-                let timestamp = started_at.div_euclid(1000);
-                let signature =
-                    signature_header(&refs, &delivery.event_id, timestamp, &delivery.payload);
-                self.client
-                    .send(Dispatch {
-                        url: &delivery.url,
-                        msg_id: &delivery.event_id,
-                        timestamp,
-                        signature,
-                        body: delivery.payload.clone(),
-                    })
-                    .await
-            }
+        let secrets = match open_secrets(&self.key, &webhook_id, &delivery.secrets, started_at) {
+            Ok(secrets) => secrets,
             Err(e) => {
                 // Our fault (e.g. the wrong encryption key), not the endpoint's: nothing is
                 // sent and nothing counts against it; the recorder retries it later.
                 tracing::error!(error = %e, "signing secret could not be opened; delivery postponed");
-                unsent = Some(Unsent::InternalError);
-                super::client::Outcome {
-                    status: None,
-                    failure: Some(FailureClass::Connect),
-                    detail: "signing secret could not be opened".to_owned(),
-                    body: Vec::new(),
-                    elapsed: Duration::ZERO,
-                    retry_after: None,
-                }
+                return Finished::unsent(delivery, Unsent::InternalError);
             }
         };
+        let refs: Vec<&SigningSecret> = secrets.iter().collect();
+        let timestamp = started_at.div_euclid(1000);
+        let signature = signature_header(&refs, &delivery.event_id, timestamp, &delivery.payload);
+        let outcome = self
+            .client
+            .send(Dispatch {
+                url: &delivery.url,
+                msg_id: &delivery.event_id,
+                timestamp,
+                signature,
+                body: delivery.payload.clone(),
+            })
+            .await;
         tracing::debug!(
             elapsed_ms = outcome.elapsed.as_secs_f64() * 1000.0,
             since_publish_ms = now_millis() - delivery.event_created_at,
@@ -446,7 +436,7 @@ impl Engine {
                 retry_after: outcome.retry_after.filter(|_| honours_retry_after),
                 jitter_draw: jitter_draw(),
                 lease_until: delivery.lease_until,
-                unsent,
+                unsent: None,
                 attempt: outcome.into_record(started_at),
             },
             event_created_at: delivery.event_created_at,
