@@ -357,19 +357,25 @@ impl Service {
             .await?;
         let key = key["key"].as_str().context("key")?.to_owned();
         for i in 0..hooks {
-            let url = format!("https://127.0.0.1:{}/h/{}", receiver.port, first_hook + i);
-            let response = self
-                .http
-                .post(format!("{}/webhooks", self.base))
-                .bearer_auth(&key)
-                .json(&json!({"url": url, "events": ["*"]}))
-                .send()
-                .await?;
-            if response.status() != reqwest::StatusCode::CREATED {
-                bail!("creating a webhook: {}", response.status());
-            }
+            self.add_webhook(&key, receiver, first_hook + i).await?;
         }
         Ok((org, key))
+    }
+
+    /// A webhook subscribed to everything, to the receiver's path `/h/{hook}`.
+    async fn add_webhook(&self, key: &str, receiver: &Receiver, hook: usize) -> anyhow::Result<()> {
+        let url = format!("https://127.0.0.1:{}/h/{hook}", receiver.port);
+        let response = self
+            .http
+            .post(format!("{}/webhooks", self.base))
+            .bearer_auth(key)
+            .json(&json!({"url": url, "events": ["*"]}))
+            .send()
+            .await?;
+        if response.status() != reqwest::StatusCode::CREATED {
+            bail!("creating a webhook: {}", response.status());
+        }
+        Ok(())
     }
 
     async fn publish(&self, org: &str, n: u64) -> anyhow::Result<()> {
@@ -702,17 +708,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         let (org, key) = service.tenant(receiver, 0, healthy).await?;
         if with_hanging {
             receiver.set_hanging(100, true);
-            let url = format!("https://127.0.0.1:{}/h/100", receiver.port);
-            let r = service
-                .http
-                .post(format!("{}/webhooks", service.base))
-                .bearer_auth(&key)
-                .json(&json!({"url": url, "events": ["*"]}))
-                .send()
-                .await?;
-            if r.status() != reqwest::StatusCode::CREATED {
-                bail!("creating the hanging webhook: {}", r.status());
-            }
+            service.add_webhook(&key, receiver, 100).await?;
         }
         receiver.reset();
         let started = Instant::now();
