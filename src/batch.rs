@@ -1,6 +1,5 @@
-//! Gathering work into batches: one transaction for many items is what makes SQLite
-//! fast (each statement is a round trip to the connection's thread, each commit a WAL
-//! write).
+//! Gathering work into batches: one writer job for many items is one hand-off to the
+//! SQLite writer's thread and one share of a commit (a WAL write) instead of many.
 
 use std::time::Duration;
 
