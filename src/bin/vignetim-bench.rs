@@ -22,6 +22,11 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
+/// The service's allocator (this executable is also the service under test, and the
+/// ceiling's bare client must not be held down by a slower one: BENCHMARKS.md, step 15).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 const WEBHOOKS: usize = 10;
 
