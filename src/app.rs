@@ -157,6 +157,7 @@ impl Application {
             },
             wakeup: wakeup.clone(),
             metrics: Arc::clone(&metrics),
+            secrets: Default::default(),
         };
         let state = AppState {
             store,

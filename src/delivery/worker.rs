@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::client::{Dispatch, FailureClass, GuardedClient};
-use super::test_call::open_secrets;
+use super::secrets::SecretCache;
 use crate::domain::ids::WebhookId;
 use crate::domain::sealing::EncryptionKey;
 use crate::domain::signing::{SigningSecret, signature_header};
@@ -81,6 +81,8 @@ pub struct Engine {
     pub settings: EngineSettings,
     pub wakeup: Wakeup,
     pub metrics: Arc<Metrics>,
+    /// Signing secrets opened once per webhook and sealed value, not once per attempt.
+    pub secrets: SecretCache,
 }
 
 impl Finished {
@@ -394,8 +396,12 @@ impl Engine {
 
     async fn attempt_in_span(&self, delivery: ClaimedDelivery) -> Finished {
         let started_at = now_millis();
-        let webhook_id = delivery.webhook_id.to_string();
-        let secrets = match open_secrets(&self.key, &webhook_id, &delivery.secrets, started_at) {
+        let secrets = match self.secrets.open(
+            &self.key,
+            delivery.webhook_id,
+            &delivery.secrets,
+            started_at,
+        ) {
             Ok(secrets) => secrets,
             Err(e) => {
                 // Our fault (e.g. the wrong encryption key), not the endpoint's: nothing is
