@@ -18,7 +18,7 @@ use crate::api::{self, ApiSettings, AppState};
 use crate::config::{Config, StoreArgs};
 use crate::delivery::GuardedClient;
 use crate::delivery::client::ClientSettings;
-use crate::delivery::worker::{Engine, EngineSettings, Wakeup};
+use crate::delivery::worker::{Engine, EngineSettings, Handoff, Wakeup};
 use crate::domain::sealing::EncryptionKey;
 use crate::store::DeliveryPolicy;
 use crate::store::Store;
@@ -136,6 +136,7 @@ impl Application {
             }
         }
         let wakeup = Wakeup::default();
+        let handoff = Handoff::new(wakeup.clone());
         let metrics = Metrics::new();
         let encryption_key = Arc::new(encryption_key);
         let engine = Engine {
@@ -158,6 +159,7 @@ impl Application {
             wakeup: wakeup.clone(),
             metrics: Arc::clone(&metrics),
             secrets: Default::default(),
+            handoff: handoff.clone(),
         };
         let state = AppState {
             store,
@@ -176,6 +178,7 @@ impl Application {
             )),
             metrics,
             wakeup,
+            handoff,
         };
         let listener = TcpListener::bind(config.listen)
             .await

@@ -216,6 +216,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     data: &data,
                     id: id.as_deref(),
                 },
+                // No engine in this process: the serving one claims the deliveries.
+                None,
                 crate::domain::time::now_millis(),
             )
             .await

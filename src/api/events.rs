@@ -1,5 +1,7 @@
 //! `POST /admin/events`: the platform publishes an event; it is durable once answered.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -11,11 +13,12 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Admin, ApiJson};
+use crate::delivery::worker::Handoff;
 use crate::domain::apikey::Environment;
 use crate::domain::event_type::{Catalog, TEST_EVENT_TYPE, event_payload, parse_event_id};
 use crate::domain::ids::{EventId, OrganizationId};
 use crate::domain::time::{self, EpochMillis};
-use crate::store::{NewEvent, Published, Store, StoreError, Tenant};
+use crate::store::{Handover, NewEvent, Published, Store, StoreError, Tenant};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(publish_event))
@@ -84,6 +87,7 @@ pub async fn publish(
     catalog: &Catalog,
     max_data_bytes: usize,
     request: PublishRequest<'_>,
+    handoff: Option<&Handoff>,
     now: EpochMillis,
 ) -> Result<Published, PublishError> {
     let PublishRequest {
@@ -117,10 +121,18 @@ pub async fn publish(
         event_type: event_type.to_owned(),
         created_at: now,
     };
-    store
-        .publish_event(tenant, &event)
+    // The running engine takes what it has room for straight from the publish; the
+    // reservation gives the room back if the publish fails.
+    let reservation = handoff.and_then(Handoff::reserve);
+    let handover = reservation.clone().map(|r| -> Arc<dyn Handover> { r });
+    let mut published = store
+        .publish_event(tenant, &event, handover)
         .await
-        .map_err(PublishError::Store)
+        .map_err(PublishError::Store)?;
+    if let Some(handoff) = handoff {
+        handoff.start(reservation, &mut published);
+    }
+    Ok(published)
 }
 
 /// Publish an event to the organization's subscribed webhooks.
@@ -152,12 +164,10 @@ async fn publish_event(
             data: &input.data,
             id: input.id.as_deref(),
         },
+        Some(&state.handoff),
         time::now_millis(),
     )
     .await?;
-    if !published.duplicate && published.deliveries > 0 {
-        state.wakeup.wake();
-    }
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(EventAcceptedOut {

@@ -63,6 +63,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Wakes the delivery engine when there is new work.
     pub wakeup: crate::delivery::worker::Wakeup,
+    /// Takes a publish's deliveries straight to the engine (no claim needed).
+    pub handoff: crate::delivery::worker::Handoff,
 }
 
 #[derive(OpenApi)]

@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,7 +28,7 @@ use crate::domain::signing::{SigningSecret, signature_header};
 use crate::domain::time::{EpochMillis, now_millis};
 use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
-    Store, Unsent,
+    Handover, Published, Store, Unsent,
 };
 use crate::telemetry::{AttemptLabels, Metrics};
 
@@ -83,6 +83,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// Signing secrets opened once per webhook and sealed value, not once per attempt.
     pub secrets: SecretCache,
+    /// Where publishes hand their deliveries over while the engine runs.
+    pub handoff: Handoff,
 }
 
 impl Finished {
@@ -130,9 +132,15 @@ struct Finished {
 /// one, a place stayed empty for several milliseconds, and 16 places per webhook held the
 /// throughput to a fraction of what the receiver could take). The cap on requests in
 /// flight to an endpoint is unchanged.
+///
+/// Deliveries taken at publish ([`Handoff`]) may queue deeper, up to what the webhook
+/// answered in the last second (so about a second's wait), while its attempts succeed.
+/// A webhook whose fresh deliveries went to the database instead ("spilled": its lane
+/// was full) takes none at publish until the claims have taken as many fresh deliveries
+/// of it back: newer events never overtake older ones waiting in the database.
 #[derive(Default)]
 struct InFlight {
-    lanes: Mutex<HashMap<WebhookId, Lane>>,
+    lanes: Mutex<Lanes>,
     /// The last claim was partial: it found work but less than it had room for, so more
     /// may be due for webhooks that filled up during it.
     partial: AtomicBool,
@@ -140,24 +148,96 @@ struct InFlight {
     freed: Notify,
 }
 
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<WebhookId, Lane>,
+    /// Fresh deliveries of each webhook that went to the database rather than to the
+    /// engine at publish, not yet claimed back.
+    spilled: HashMap<WebhookId, u32>,
+}
+
 struct Lane {
     /// Claimed and not finished: sending or waiting for a place.
     claimed: u32,
     /// The webhook's places: one permit per attempt in flight to it.
     sending: Arc<Semaphore>,
+    /// Attempts finished lately, to size the queue taken at publish.
+    done: Recent,
+}
+
+/// Attempts finished in the current and the previous second, and whether any failed.
+struct Recent {
+    since: Instant,
+    now: u32,
+    before: u32,
+    failed: bool,
+}
+
+impl Recent {
+    fn new() -> Self {
+        Recent {
+            since: Instant::now(),
+            now: 0,
+            before: 0,
+            failed: false,
+        }
+    }
+
+    fn roll(&mut self) {
+        let elapsed = self.since.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            self.before = if elapsed >= Duration::from_secs(2) {
+                0
+            } else {
+                self.now
+            };
+            self.now = 0;
+            self.failed = false;
+            self.since = Instant::now();
+        }
+    }
+
+    fn count(&mut self, succeeded: bool) {
+        self.roll();
+        self.now += 1;
+        self.failed |= !succeeded;
+    }
+
+    /// Deliveries the webhook takes in about a second; none while its attempts fail (its
+    /// retries then wait in the database, and fresh deliveries must not overtake them).
+    fn per_second(&mut self) -> u32 {
+        self.roll();
+        if self.failed {
+            0
+        } else {
+            self.now.max(self.before)
+        }
+    }
 }
 
 /// Deliveries claimed per webhook, as a multiple of its cap.
 const PREFETCH: u32 = 2;
 
+/// Deliveries in the engine (sending or waiting), in all, per place of
+/// `VIGNETIM_DELIVERY_CONCURRENCY` (256 places: 8,192 deliveries, about 20 MiB).
+const BUDGET_PER_PLACE: u32 = 32;
+
+/// A webhook's deliveries in the engine at most, per place of its own.
+const MAX_DEPTH: u32 = 128;
+
 impl InFlight {
     fn room(&self, limit: u32) -> ClaimRoom {
         ClaimRoom {
             per_webhook: limit,
-            in_flight: self
+            left: self
                 .lanes
                 .lock()
-                .map(|m| m.iter().map(|(w, l)| (*w, l.claimed)).collect())
+                .map(|mut m| {
+                    m.lanes
+                        .iter_mut()
+                        .map(|(w, l)| (*w, l.depth(limit).saturating_sub(l.claimed)))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }
     }
@@ -165,17 +245,17 @@ impl InFlight {
     fn any_full(&self, limit: u32) -> bool {
         self.lanes
             .lock()
-            .is_ok_and(|m| m.values().any(|l| l.claimed >= limit))
+            .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth(limit)))
     }
 
     /// Counts a claimed delivery; returns its webhook's places.
     fn start(&self, webhook: WebhookId, per_webhook: u32) -> Arc<Semaphore> {
         match self.lanes.lock() {
             Ok(mut m) => {
-                let lane = m.entry(webhook).or_insert_with(|| Lane {
-                    claimed: 0,
-                    sending: Arc::new(Semaphore::new(per_webhook as usize)),
-                });
+                let lane = m
+                    .lanes
+                    .entry(webhook)
+                    .or_insert_with(|| Lane::new(per_webhook));
                 lane.claimed += 1;
                 Arc::clone(&lane.sending)
             }
@@ -185,26 +265,321 @@ impl InFlight {
         }
     }
 
-    /// Frees the delivery's room, and tells the dispatcher if that may let waiting work
-    /// go (the webhook was full, or the last claim was partial).
-    fn finish(&self, webhook: WebhookId, limit: u32) {
-        let was_full = match self.lanes.lock() {
-            Ok(mut m) => match m.get_mut(&webhook) {
-                Some(lane) => {
-                    let was_full = lane.claimed >= limit;
-                    lane.claimed -= 1;
-                    if lane.claimed == 0 {
-                        m.remove(&webhook);
+    /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
+    /// spilled; otherwise counts it as spilled.
+    fn take(&self, webhook: WebhookId, per_webhook: u32, limit: u32) -> bool {
+        let Ok(mut m) = self.lanes.lock() else {
+            return false;
+        };
+        let m = &mut *m;
+        if m.spilled.get(&webhook).is_none_or(|n| *n == 0) {
+            let lane = m
+                .lanes
+                .entry(webhook)
+                .or_insert_with(|| Lane::new(per_webhook));
+            if lane.claimed < lane.depth(limit) {
+                lane.claimed += 1;
+                return true;
+            }
+        }
+        *m.spilled.entry(webhook).or_insert(0) += 1;
+        false
+    }
+
+    /// A fresh delivery went (or went back) to the database.
+    fn spill(&self, webhook: WebhookId) {
+        if let Ok(mut m) = self.lanes.lock() {
+            *m.spilled.entry(webhook).or_insert(0) += 1;
+        }
+    }
+
+    /// Claims took these fresh deliveries back from the database.
+    fn unspill(&self, webhooks: impl Iterator<Item = WebhookId>) {
+        if let Ok(mut m) = self.lanes.lock() {
+            for webhook in webhooks {
+                if let Some(n) = m.spilled.get_mut(&webhook) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.spilled.remove(&webhook);
                     }
-                    was_full
                 }
-                None => false,
-            },
+            }
+        }
+    }
+
+    /// Nothing is due in the database: whatever spilled has been claimed (or is gone).
+    fn forget_spills(&self) {
+        if let Ok(mut m) = self.lanes.lock() {
+            m.spilled.clear();
+        }
+    }
+
+    /// The places of a webhook whose delivery was counted by `take`.
+    fn places(&self, webhook: WebhookId, per_webhook: u32) -> Arc<Semaphore> {
+        match self.lanes.lock() {
+            Ok(mut m) => Arc::clone(
+                &m.lanes
+                    .entry(webhook)
+                    .or_insert_with(|| Lane::new(per_webhook))
+                    .sending,
+            ),
+            Err(_) => Arc::new(Semaphore::new(per_webhook as usize)),
+        }
+    }
+
+    /// Frees the delivery's room, and tells the dispatcher if that may let waiting work
+    /// go (the webhook was full for claims, or the last claim was partial). `attempted`
+    /// is `Some(succeeded)` when the delivery was sent.
+    fn finish(&self, webhook: WebhookId, limit: u32, attempted: Option<bool>) {
+        let was_full = match self.lanes.lock() {
+            Ok(mut m) => {
+                let m = &mut *m;
+                let spilled = m.spilled.get(&webhook).is_some_and(|n| *n > 0);
+                match m.lanes.get_mut(&webhook) {
+                    Some(lane) => {
+                        if let Some(succeeded) = attempted {
+                            lane.done.count(succeeded);
+                        }
+                        let depth = lane.depth(limit);
+                        // The step from full to not full; or room, while fresh deliveries
+                        // of this webhook wait in the database.
+                        let after = lane.claimed.saturating_sub(1);
+                        let was_full = after < depth && (lane.claimed >= depth || spilled);
+                        lane.claimed = after;
+                        if lane.claimed == 0 {
+                            m.lanes.remove(&webhook);
+                        }
+                        was_full
+                    }
+                    None => false,
+                }
+            }
             Err(_) => true,
         };
         if was_full || self.partial.load(Ordering::Relaxed) {
             self.freed.notify_one();
         }
+    }
+}
+
+impl Lane {
+    fn new(per_webhook: u32) -> Self {
+        Lane {
+            claimed: 0,
+            sending: Arc::new(Semaphore::new(per_webhook as usize)),
+            done: Recent::new(),
+        }
+    }
+
+    /// Deliveries the webhook may hold, sending or waiting: `limit` (twice its places),
+    /// or what it answered in the last second while its attempts succeed (about a
+    /// second's wait, well inside what a lease allows), at most `MAX_DEPTH` places' worth.
+    fn depth(&mut self, limit: u32) -> u32 {
+        let places = limit / PREFETCH;
+        limit.max(self.done.per_second().min(places.saturating_mul(MAX_DEPTH)))
+    }
+}
+
+/// Hands the deliveries of a publish straight to the running engine, leased, so they need
+/// no claim (the claim was the writer's largest job at the benchmark's peak). Shared by
+/// the API and the engine; empty while no engine runs.
+#[derive(Clone)]
+pub struct Handoff {
+    launcher: Arc<Mutex<Option<Arc<Launcher>>>>,
+    /// For the deliveries the engine did not take: they wait for a claim.
+    wakeup: Wakeup,
+}
+
+impl Handoff {
+    pub fn new(wakeup: Wakeup) -> Self {
+        Handoff {
+            launcher: Arc::default(),
+            wakeup,
+        }
+    }
+
+    /// Room for one publish's deliveries, or `None` while no engine runs.
+    pub fn reserve(&self) -> Option<Arc<Reservation>> {
+        let launcher = self.launcher.lock().ok()?.as_ref().map(Arc::clone)?;
+        if launcher.shutdown.is_cancelled() {
+            return None;
+        }
+        Some(Arc::new(Reservation {
+            lease_until: now_millis() + launcher.lease_ms,
+            launcher,
+            held: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// After a publish committed: starts the attempts of the deliveries handed over,
+    /// and wakes the dispatcher for the others.
+    pub fn start(&self, reservation: Option<Arc<Reservation>>, published: &mut Published) {
+        let handed = std::mem::take(&mut published.handed);
+        let waiting = !published.duplicate && published.deliveries > handed.len() as u64;
+        if let Some(reservation) = reservation {
+            reservation.launch(handed);
+        }
+        if waiting {
+            self.wakeup.wake();
+        }
+    }
+
+    fn set(&self, launcher: Option<Arc<Launcher>>) {
+        if let Ok(mut current) = self.launcher.lock() {
+            *current = launcher;
+        }
+    }
+}
+
+/// Room the engine holds for one publish's deliveries, from the publishing transaction
+/// until they are launched, or given back when the publish fails.
+pub struct Reservation {
+    launcher: Arc<Launcher>,
+    lease_until: EpochMillis,
+    held: Mutex<Vec<(WebhookId, OwnedSemaphorePermit)>>,
+}
+
+impl Handover for Reservation {
+    fn take(&self, webhook: WebhookId) -> bool {
+        let launcher = &self.launcher;
+        if launcher.shutdown.is_cancelled() {
+            return false;
+        }
+        let Ok(permit) = Arc::clone(&launcher.budget).try_acquire_owned() else {
+            launcher.in_flight.spill(webhook);
+            return false;
+        };
+        if !launcher
+            .in_flight
+            .take(webhook, launcher.per_webhook, launcher.limit)
+        {
+            return false;
+        }
+        match self.held.lock() {
+            Ok(mut held) => {
+                held.push((webhook, permit));
+                true
+            }
+            Err(_) => {
+                launcher.in_flight.finish(webhook, launcher.limit, None);
+                false
+            }
+        }
+    }
+
+    fn lease_until(&self) -> EpochMillis {
+        self.lease_until
+    }
+}
+
+impl Reservation {
+    /// Starts the attempts of the deliveries the publish handed over (after it committed).
+    pub fn launch(&self, handed: Vec<ClaimedDelivery>) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        for delivery in handed {
+            // Each was counted by `take` for its webhook; one that was not (impossible)
+            // stays leased in the database and is claimed when its lease ends.
+            let Some(i) = held.iter().position(|(w, _)| *w == delivery.webhook_id) else {
+                continue;
+            };
+            let (webhook, permit) = held.swap_remove(i);
+            let places = self
+                .launcher
+                .in_flight
+                .places(webhook, self.launcher.per_webhook);
+            self.launcher.launch(delivery, places, permit);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // Room taken for deliveries that were never launched (the publish failed).
+        if let Ok(mut held) = self.held.lock() {
+            for (webhook, permit) in held.drain(..) {
+                drop(permit);
+                self.launcher
+                    .in_flight
+                    .finish(webhook, self.launcher.limit, None);
+            }
+        }
+    }
+}
+
+/// Starts attempts: the dispatcher's claimed deliveries and those taken at publish.
+pub struct Launcher {
+    engine: Arc<Engine>,
+    tx: mpsc::Sender<Finished>,
+    in_flight: Arc<InFlight>,
+    /// Attempts in flight, in all.
+    sending: Arc<Semaphore>,
+    /// Deliveries in the engine (claimed or taken at publish, not finished): a claim
+    /// and a publish's handover each take what they give the engine.
+    budget: Arc<Semaphore>,
+    attempts: TaskTracker,
+    shutdown: CancellationToken,
+    per_webhook: u32,
+    /// Deliveries a claim may hold per webhook: its places and as many waiting.
+    limit: u32,
+    lease_ms: i64,
+}
+
+impl Launcher {
+    /// One task per delivery: it waits for one of its webhook's places and a global one,
+    /// sends, and hands the outcome to the recorder; a delivery that waits longer than
+    /// its lease allows is put back unsent.
+    fn launch(
+        &self,
+        delivery: ClaimedDelivery,
+        places: Arc<Semaphore>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let engine = Arc::clone(&self.engine);
+        let tx = self.tx.clone();
+        let in_flight = Arc::clone(&self.in_flight);
+        let sending = Arc::clone(&self.sending);
+        let shutdown = self.shutdown.clone();
+        let (webhook, limit) = (delivery.webhook_id, self.limit);
+        let fresh = delivery.attempts_made == 0;
+        self.attempts.spawn(async move {
+            let turn = async {
+                let place = places.acquire_owned().await?;
+                let slot = sending.acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((place, slot))
+            };
+            let wait = engine.settings.queued_at_most;
+            let turn = tokio::select! {
+                turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
+                // Shutting down: a delivery still waiting is left to the next start.
+                _ = shutdown.cancelled() => None,
+            };
+            let finished = match turn {
+                Some(turn) => {
+                    let finished = engine.attempt(delivery).await;
+                    drop(turn);
+                    finished
+                }
+                // Its webhook (or the service) is slow: its lease could not cover
+                // an attempt any more. Put it back, unsent.
+                None => {
+                    if fresh {
+                        in_flight.spill(webhook);
+                    }
+                    Finished::unsent(delivery, Unsent::WaitedTooLong)
+                }
+            };
+            drop(permit);
+            let attempted = finished
+                .report
+                .unsent
+                .is_none()
+                .then_some(finished.report.succeeded);
+            in_flight.finish(webhook, limit, attempted);
+            // The recorder only stops after every attempt has finished.
+            let _ = tx.send(finished).await;
+        });
     }
 }
 
@@ -235,10 +610,9 @@ impl Engine {
         attempts: &TaskTracker,
         tx: mpsc::Sender<Finished>,
     ) {
-        // Claimed and unfinished deliveries, in all: the claims' budget (twice the
-        // attempts in flight, like each webhook's).
+        // Deliveries in the engine, in all; each webhook's share is its `Lane::depth`.
         let permits = Arc::new(Semaphore::new(
-            self.settings.concurrency.saturating_mul(PREFETCH) as usize,
+            self.settings.concurrency.saturating_mul(BUDGET_PER_PLACE) as usize,
         ));
         // Attempts in flight, in all. A delivery waiting for its turn holds none, so a
         // hanging webhook's waiting deliveries take no place from the healthy ones.
@@ -248,6 +622,19 @@ impl Engine {
         // Deliveries a claim may hold per webhook: its places and as many waiting.
         let limit = per_webhook.saturating_mul(PREFETCH);
         let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
+        let launcher = Arc::new(Launcher {
+            engine: Arc::clone(self),
+            tx,
+            in_flight: Arc::clone(&in_flight),
+            sending,
+            budget: Arc::clone(&permits),
+            attempts: attempts.clone(),
+            shutdown: shutdown.clone(),
+            per_webhook,
+            limit,
+            lease_ms,
+        });
+        self.handoff.set(Some(Arc::clone(&launcher)));
         while !shutdown.is_cancelled() {
             // Wait for room in the pool before claiming: a claim is a promise to send.
             let first = tokio::select! {
@@ -279,6 +666,12 @@ impl Engine {
                 got > 0 && u32::try_from(got).unwrap_or(u32::MAX) < want,
                 Ordering::Relaxed,
             );
+            in_flight.unspill(
+                claimed
+                    .iter()
+                    .filter(|d| d.attempts_made == 0)
+                    .map(|d| d.webhook_id),
+            );
             tracing::trace!(got, want, claim_ms = now_millis() - now, "claimed");
             let mut first = Some(first);
             for delivery in claimed {
@@ -290,40 +683,8 @@ impl Engine {
                         Err(_) => break,
                     },
                 };
-                let engine = Arc::clone(self);
-                let tx = tx.clone();
-                let in_flight = Arc::clone(&in_flight);
-                let webhook = delivery.webhook_id;
-                let places = in_flight.start(webhook, per_webhook);
-                let sending = Arc::clone(&sending);
-                let shutdown = shutdown.clone();
-                attempts.spawn(async move {
-                    let turn = async {
-                        let place = places.acquire_owned().await?;
-                        let slot = sending.acquire_owned().await?;
-                        Ok::<_, tokio::sync::AcquireError>((place, slot))
-                    };
-                    let wait = engine.settings.queued_at_most;
-                    let turn = tokio::select! {
-                        turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
-                        // Shutting down: a delivery still waiting is left to the next start.
-                        _ = shutdown.cancelled() => None,
-                    };
-                    let finished = match turn {
-                        Some(turn) => {
-                            let finished = engine.attempt(delivery).await;
-                            drop(turn);
-                            finished
-                        }
-                        // Its webhook (or the service) is slow: its lease could not cover
-                        // an attempt any more. Put it back, unsent.
-                        None => Finished::unsent(delivery, Unsent::WaitedTooLong),
-                    };
-                    drop(permit);
-                    in_flight.finish(webhook, limit);
-                    // The recorder only stops after every attempt has finished.
-                    let _ = tx.send(finished).await;
-                });
+                let places = in_flight.start(delivery.webhook_id, per_webhook);
+                launcher.launch(delivery, places, permit);
             }
             drop(first);
             if got == 0 {
@@ -336,6 +697,9 @@ impl Engine {
                 // backlog again each time (most of the writer's work under a backlog); a
                 // publish for another webhook meanwhile waits for the next freed room or
                 // the poll.
+                if matches!(next_due, Ok(None)) || matches!(next_due, Ok(Some(at)) if at > now) {
+                    in_flight.forget_spills();
+                }
                 let clogged = matches!(next_due, Ok(Some(at)) if at <= now)
                     && self.wakeup.count() == wakeups
                     && in_flight.any_full(limit);
@@ -364,6 +728,9 @@ impl Engine {
                 }
             }
         }
+        // No more deliveries at publish: the launcher (and its sender to the recorder)
+        // goes once the publishes holding a reservation are done.
+        self.handoff.set(None);
     }
 
     /// Room freed by one finished attempt is usually followed by more within a moment:
@@ -550,4 +917,51 @@ impl Engine {
 fn jitter_draw() -> f64 {
     let bits = u64::from_le_bytes(crate::domain::random_bytes::<8>()) >> 11;
     bits as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_hand_over_until_the_lane_is_full_then_wait_behind_what_spilled() {
+        let lanes = InFlight::default();
+        let (webhook, other) = (WebhookId::new(), WebhookId::new());
+        // Cap 2, limit 4: a lane with no history holds 4.
+        for _ in 0..4 {
+            assert!(lanes.take(webhook, 2, 4));
+        }
+        assert!(!lanes.take(webhook, 2, 4), "past the lane's depth");
+        // One finished: there is room again, but a fresh delivery went to the database,
+        // so publishes wait until a claim has taken it back.
+        lanes.finish(webhook, 4, Some(true));
+        assert!(!lanes.take(webhook, 2, 4), "overtook the spilled delivery");
+        assert!(lanes.take(other, 2, 4), "another webhook is not held up");
+        lanes.unspill([webhook].into_iter());
+        // Two spilled (the refusal above counted one more): one claim back is not enough.
+        assert!(!lanes.take(webhook, 2, 4));
+        lanes.forget_spills();
+        assert!(lanes.take(webhook, 2, 4));
+        // Claims see the room the lane has left.
+        assert_eq!(lanes.room(4).left(&webhook), 0);
+        assert_eq!(lanes.room(4).left(&other), 3);
+    }
+
+    #[test]
+    fn a_lane_that_answers_fast_queues_about_a_second_of_work_unless_it_fails() {
+        let mut lane = Lane::new(2);
+        assert_eq!(lane.depth(4), 4);
+        for _ in 0..100 {
+            lane.done.count(true);
+        }
+        assert_eq!(lane.depth(4), 100);
+        // At most MAX_DEPTH per place.
+        for _ in 0..1_000 {
+            lane.done.count(true);
+        }
+        assert_eq!(lane.depth(4), 2 * MAX_DEPTH);
+        // A failure: its retries wait in the database, so no deep queue of fresh ones.
+        lane.done.count(false);
+        assert_eq!(lane.depth(4), 4);
+    }
 }

@@ -11,6 +11,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::apikey::Environment;
@@ -173,37 +174,51 @@ pub struct NewEvent {
 }
 
 /// What publishing did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Published {
     pub id: String,
     /// Deliveries queued (or held) for it.
     pub deliveries: u64,
     /// The id was already published: nothing new was queued.
     pub duplicate: bool,
+    /// Deliveries the handover took, leased: the engine sends them without a claim.
+    pub handed: Vec<ClaimedDelivery>,
 }
 
-/// How many more attempts each webhook may have in flight: the engine counts its
-/// attempts, from the claim until the response (not until the outcome is recorded, which
-/// would keep a fast endpoint waiting on the database).
+/// The engine's side of a publish: which fresh deliveries it takes at once (see
+/// [`Store::publish_event`]). Asked inside the publishing transaction, so it must answer
+/// at once.
+pub trait Handover: Send + Sync {
+    /// Whether the engine takes a fresh delivery to `webhook` now. A `true` holds room for
+    /// it, which the publish's caller gives back if the publish fails.
+    fn take(&self, webhook: WebhookId) -> bool;
+    /// The lease the taken deliveries are written with.
+    fn lease_until(&self) -> EpochMillis;
+}
+
+/// How many more deliveries a claim may give each webhook: the engine counts them, from
+/// the claim until the response (not until the outcome is recorded, which would keep a
+/// fast endpoint waiting on the database).
 #[derive(Debug, Clone, Default)]
 pub struct ClaimRoom {
+    /// The room of a webhook with nothing in the engine.
     pub per_webhook: u32,
-    pub in_flight: std::collections::HashMap<WebhookId, u32>,
+    /// The room of the webhooks with deliveries in the engine.
+    pub left: std::collections::HashMap<WebhookId, u32>,
 }
 
 impl ClaimRoom {
-    /// No attempt in flight anywhere.
+    /// Nothing in the engine anywhere.
     pub fn empty(per_webhook: u32) -> Self {
         Self {
             per_webhook,
-            in_flight: Default::default(),
+            left: Default::default(),
         }
     }
 
-    /// Attempts `webhook` may still start.
+    /// Deliveries `webhook` may still be given.
     pub fn left(&self, webhook: &WebhookId) -> u32 {
-        self.per_webhook
-            .saturating_sub(self.in_flight.get(webhook).copied().unwrap_or(0))
+        self.left.get(webhook).copied().unwrap_or(self.per_webhook)
     }
 }
 
@@ -387,7 +402,16 @@ pub trait Store: Send + Sync + 'static {
     /// In one transaction: the event and one delivery per subscribed webhook of the
     /// tenant (`held` for an inactive one). A public id already published by the
     /// organization in that environment returns the first result and queues nothing.
-    async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published>;
+    ///
+    /// With a `handover`, each delivery to an active webhook that it `take`s is written
+    /// already leased and returned in [`Published::handed`]: the engine sends it without
+    /// a claim. The rest are due at once, as without one.
+    async fn publish_event(
+        &self,
+        tenant: Tenant,
+        event: &NewEvent,
+        handover: Option<Arc<dyn Handover>>,
+    ) -> StoreResult<Published>;
 
     /// Claims up to `limit` due deliveries of active webhooks under a lease until
     /// `lease_until`, never giving a webhook more than its `room`.

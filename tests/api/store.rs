@@ -1,5 +1,6 @@
 //! The store on its own: the rules of recording that the API cannot reach in time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use vignetim_webhooks::domain::apikey::Environment;
@@ -7,8 +8,8 @@ use vignetim_webhooks::domain::ids::{OrganizationId, WebhookId};
 use vignetim_webhooks::domain::retry::RetrySchedule;
 use vignetim_webhooks::store::sqlite::SqliteStore;
 use vignetim_webhooks::store::{
-    AttemptRecord, AttemptReport, ClaimRoom, DeliveryPolicy, DeliveryStatus, NewEvent, NewWebhook,
-    Organization, Store, Tenant, Unsent,
+    AttemptRecord, AttemptReport, ClaimRoom, DeliveryPolicy, DeliveryStatus, Handover, NewEvent,
+    NewWebhook, Organization, Store, Tenant, Unsent,
 };
 
 async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, WebhookId) {
@@ -27,7 +28,10 @@ async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, W
     };
     let webhook = add_webhook(&store, tenant, "https://example.com/hook", 0).await;
     let event = event("e1", 1);
-    store.publish_event(tenant, &event).await.expect("publish");
+    store
+        .publish_event(tenant, &event, None)
+        .await
+        .expect("publish");
     (dir, store, tenant, webhook)
 }
 
@@ -204,7 +208,10 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
             let store = store.clone();
             tokio::spawn(async move {
                 let event = event(format!("old-{n}"), 100 + n);
-                store.publish_event(tenant, &event).await.expect("publish");
+                store
+                    .publish_event(tenant, &event, None)
+                    .await
+                    .expect("publish");
             })
         })
         .collect();
@@ -212,7 +219,10 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
         t.await.expect("task");
     }
     let new = event("new", 10_000);
-    store.publish_event(tenant, &new).await.expect("publish");
+    store
+        .publish_event(tenant, &new, None)
+        .await
+        .expect("publish");
     assert_eq!(store.purge(5_000).await.expect("purge"), 1_101);
     let left = store
         .list_deliveries(tenant, webhook, None, None, 250)
@@ -228,10 +238,10 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
 async fn a_claim_gives_a_webhook_at_its_cap_nothing() {
     let (_dir, store, _tenant, webhook) = store_with_one_delivery().await;
     let mut room = ClaimRoom::empty(2);
-    room.in_flight.insert(webhook, 2);
+    room.left.insert(webhook, 0);
     let claimed = store.claim_due(5, 10, &room, 1_000).await.expect("claim");
     assert!(claimed.is_empty(), "claimed {} past the cap", claimed.len());
-    room.in_flight.insert(webhook, 1);
+    room.left.insert(webhook, 1);
     let claimed = store.claim_due(5, 10, &room, 1_000).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     // Claimed and leased: not claimed again while the lease holds.
@@ -260,7 +270,7 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
     // 300 more due deliveries for the first webhook, ahead of a second webhook's one.
     for n in 0..300 {
         store
-            .publish_event(tenant, &event(format!("p{n}"), 2))
+            .publish_event(tenant, &event(format!("p{n}"), 2), None)
             .await
             .expect("publish");
     }
@@ -289,7 +299,7 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
         .expect("pause");
     let healthy = add_webhook(&store, tenant, "https://example.com/other", 8).await;
     store
-        .publish_event(tenant, &event("h1", 20))
+        .publish_event(tenant, &event("h1", 20), None)
         .await
         .expect("publish");
     // Past the leases: the paused webhook's 301 rows come first in the due index.
@@ -299,4 +309,71 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
         .expect("claim");
     assert_eq!(next.len(), 1, "the other webhook's delivery is claimed");
     assert_eq!(next[0].webhook_id, healthy);
+}
+
+/// Takes the deliveries of one webhook, as the engine does when it has room for them.
+struct TakeOnly(WebhookId);
+
+impl Handover for TakeOnly {
+    fn take(&self, webhook: WebhookId) -> bool {
+        webhook == self.0
+    }
+    fn lease_until(&self) -> i64 {
+        1_000
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_handed_over_at_publish_is_leased_and_not_claimed_until_its_lease_ends() {
+    let (_dir, store, tenant, first) = store_with_one_delivery().await;
+    let taken = add_webhook(&store, tenant, "https://example.com/taken", 0).await;
+    // The first webhook's delivery of e1 is still due; e2's goes to both webhooks.
+    let published = store
+        .publish_event(tenant, &event("e2", 2), Some(Arc::new(TakeOnly(taken))))
+        .await
+        .expect("publish");
+    assert_eq!(published.deliveries, 2);
+    assert_eq!(published.handed.len(), 1);
+    let handed = &published.handed[0];
+    assert_eq!(handed.webhook_id, taken);
+    assert_eq!(handed.url, "https://example.com/taken");
+    assert_eq!(handed.secrets.current, vec![1, 2, 3]);
+    assert_eq!(
+        (handed.event_id.as_str(), handed.event_created_at),
+        ("e2", 2)
+    );
+    assert_eq!(handed.payload.as_ref(), b"{}");
+    assert_eq!((handed.attempts_made, handed.lease_until), (0, 1_000));
+
+    // Claims see only the deliveries not handed over while the lease holds.
+    let claimed = store
+        .claim_due(5, 10, &ClaimRoom::empty(10), 2_000)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|c| c.webhook_id == first));
+    // Its outcome is recorded like a claimed one's.
+    let statuses = store
+        .record_attempts(&[report(handed, true, 1_000)], &policy(), 20)
+        .await
+        .expect("record");
+    assert_eq!(statuses, vec![DeliveryStatus::Succeeded]);
+
+    // Had its attempt never reported, it is due again when the lease ends.
+    let lost = store
+        .publish_event(tenant, &event("e3", 3), Some(Arc::new(TakeOnly(taken))))
+        .await
+        .expect("publish");
+    assert_eq!(lost.handed.len(), 1);
+    let before = store
+        .claim_due(999, 10, &ClaimRoom::empty(10), 5_000)
+        .await
+        .expect("claim");
+    assert!(before.iter().all(|c| c.webhook_id == first));
+    let after = store
+        .claim_due(1_000, 10, &ClaimRoom::empty(10), 5_000)
+        .await
+        .expect("claim");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].delivery_id, lost.handed[0].delivery_id);
 }

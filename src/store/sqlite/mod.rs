@@ -7,13 +7,14 @@
 //! `busy_timeout` covers other processes (the CLI).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ApiKeyRecord, AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryCursor,
-    DeliveryPolicy, DeliveryStats, DeliveryStatus, DeliveryView, NewEvent, NewWebhook,
+    DeliveryPolicy, DeliveryStats, DeliveryStatus, DeliveryView, Handover, NewEvent, NewWebhook,
     Organization, Published, RetryOutcome, SealedSecrets, Store, StoreError, StoreResult, Tenant,
     TestDelivery, Webhook, WebhookPatch,
 };
@@ -522,10 +523,15 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn publish_event(&self, tenant: Tenant, event: &NewEvent) -> StoreResult<Published> {
+    async fn publish_event(
+        &self,
+        tenant: Tenant,
+        event: &NewEvent,
+        handover: Option<Arc<dyn Handover>>,
+    ) -> StoreResult<Published> {
         let event = event.clone();
         self.writer
-            .run(move |conn| queue::publish(conn, tenant, &event))
+            .run(move |conn| queue::publish(conn, tenant, &event, handover.as_deref()))
             .await
     }
 

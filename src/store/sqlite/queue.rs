@@ -11,12 +11,12 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::hold_pending;
 use crate::domain::event_type::Subscription;
-use crate::domain::ids::DeliveryId;
+use crate::domain::ids::{DeliveryId, WebhookId};
 use crate::domain::retry::should_disable;
 use crate::domain::time::EpochMillis;
 use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
-    NewEvent, Published, SealedSecrets, StoreError, StoreResult, Tenant, Unsent,
+    Handover, NewEvent, Published, SealedSecrets, StoreError, StoreResult, Tenant, Unsent,
 };
 
 /// When a delivery could not be attempted through a fault of ours, it is tried again
@@ -24,12 +24,13 @@ use crate::store::{
 const INTERNAL_ERROR_RETRY_MS: i64 = 60_000;
 
 /// Publishes one event: the event, then one delivery per subscribed webhook (held for an
-/// inactive one). An id the tenant already published returns the first result and queues
-/// nothing.
+/// inactive one; leased and returned for the engine when the handover takes it). An id
+/// the tenant already published returns the first result and queues nothing.
 pub(super) fn publish(
     conn: &Connection,
     tenant: Tenant,
     event: &NewEvent,
+    handover: Option<&dyn Handover>,
 ) -> StoreResult<Published> {
     let org = tenant.organization_id.to_string();
     let env = tenant.environment.as_str();
@@ -69,46 +70,81 @@ pub(super) fn publish(
             id: event.id.clone(),
             deliveries: u64::try_from(deliveries).unwrap_or(0),
             duplicate: true,
+            handed: Vec::new(),
         });
     };
 
     let mut webhooks = conn.prepare_cached(
-        "SELECT id, events, active FROM webhooks \
-         WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL",
+        "SELECT id, events, active, url, secret, previous_secret, previous_secret_expires_at \
+         FROM webhooks WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL",
     )?;
     let mut rows = webhooks.query(params![org, env])?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO deliveries (id, organization_id, environment, webhook_id, event_seq, \
-         status, attempt_count, next_attempt_at, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+         status, attempt_count, next_attempt_at, lease_until, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
     )?;
+    let lease_until = handover.map(Handover::lease_until);
+    let mut payload: Option<bytes::Bytes> = None;
+    let mut handed = Vec::new();
     let mut deliveries = 0u64;
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
-        let events: String = row.get(1)?;
-        let active: bool = row.get(2)?;
-        let names: Vec<String> = serde_json::from_str(&events)
-            .map_err(|_| StoreError::Corrupt(format!("webhook {id}")))?;
+        let id: String = row.get("id")?;
+        let events: String = row.get("events")?;
+        let active: bool = row.get("active")?;
+        let corrupt = || StoreError::Corrupt(format!("webhook {id}"));
+        let names: Vec<String> = serde_json::from_str(&events).map_err(|_| corrupt())?;
         if !Subscription::from_stored(names).matches(&event.event_type) {
             continue;
         }
+        let delivery_id = DeliveryId::new();
+        // Taken by the engine: written under its lease, due again only when that ends
+        // (as a claim leaves it), and sent without a claim.
+        let taken = match (handover, lease_until) {
+            (Some(handover), Some(lease_until)) if active => {
+                let webhook_id: WebhookId = id.parse().map_err(|_| corrupt())?;
+                handover
+                    .take(webhook_id)
+                    .then_some((webhook_id, lease_until))
+            }
+            _ => None,
+        };
         insert.execute(params![
-            DeliveryId::new().to_string(),
+            delivery_id.to_string(),
             org,
             env,
             id,
             seq,
             if active { "pending" } else { "held" },
-            active.then_some(event.created_at),
+            taken.map_or(active.then_some(event.created_at), |(_, lease)| Some(lease)),
+            taken.map(|(_, lease)| lease),
             event.created_at,
             event.created_at
         ])?;
         deliveries += 1;
+        if let Some((webhook_id, lease_until)) = taken {
+            let payload = payload
+                .get_or_insert_with(|| bytes::Bytes::from(event.payload.clone()))
+                .clone();
+            handed.push(ClaimedDelivery {
+                delivery_id,
+                tenant,
+                webhook_id,
+                url: row.get("url")?,
+                secrets: sealed_from_row(row)?,
+                event_id: event.id.clone(),
+                event_created_at: event.created_at,
+                payload,
+                attempts_made: 0,
+                lease_until,
+            });
+        }
     }
     Ok(Published {
         id: event.id.clone(),
         deliveries,
         duplicate: false,
+        handed,
     })
 }
 
@@ -155,7 +191,7 @@ pub(super) fn claim(
 ) -> StoreResult<Vec<ClaimedDelivery>> {
     let cap = i64::from(room.per_webhook);
     let mut room: HashMap<String, i64> = room
-        .in_flight
+        .left
         .keys()
         .map(|w| (w.to_string(), i64::from(room.left(w))))
         .collect();
