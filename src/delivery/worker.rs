@@ -915,7 +915,7 @@ impl Engine {
 
 /// Uniform in [0, 1), from the OS generator.
 fn jitter_draw() -> f64 {
-    let bits = u64::from_le_bytes(crate::domain::random_bytes::<8>()) >> 11;
+    let bits = u64::from_le_bytes(crate::domain::buffered_random_bytes::<8>()) >> 11;
     bits as f64 / (1u64 << 53) as f64
 }
 

@@ -80,7 +80,7 @@ fn random_uuid() -> Uuid {
 fn time_ordered_uuid() -> Uuid {
     static LAST: std::sync::Mutex<(u64, u16)> = std::sync::Mutex::new((0, 0));
     let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
-    let mut bytes = super::random_bytes::<10>();
+    let mut bytes = super::buffered_random_bytes::<10>();
     let (millis, counter) = {
         let mut last = LAST
             .lock()
@@ -122,7 +122,7 @@ prefixed_uuid_id!(
 
 /// The id of one API request, echoed in `X-Request-Id` and in error bodies.
 pub fn new_request_id() -> String {
-    let uuid = uuid::Builder::from_random_bytes(super::random_bytes::<16>()).into_uuid();
+    let uuid = uuid::Builder::from_random_bytes(super::buffered_random_bytes::<16>()).into_uuid();
     format!("req_{}", uuid.simple())
 }
 
