@@ -531,33 +531,30 @@ impl Launcher {
     /// sends, and hands the outcome to the recorder; a delivery that waits longer than
     /// its lease allows is put back unsent.
     fn launch(
-        &self,
+        self: &Arc<Self>,
         delivery: ClaimedDelivery,
         places: Arc<Semaphore>,
         permit: OwnedSemaphorePermit,
     ) {
-        let engine = Arc::clone(&self.engine);
-        let tx = self.tx.clone();
-        let in_flight = Arc::clone(&self.in_flight);
-        let sending = Arc::clone(&self.sending);
-        let shutdown = self.shutdown.clone();
+        // One handle per task rather than a clone of each part.
+        let launcher = Arc::clone(self);
         let (webhook, limit) = (delivery.webhook_id, self.limit);
         let fresh = delivery.attempts_made == 0;
         self.attempts.spawn(async move {
             let turn = async {
                 let place = places.acquire_owned().await?;
-                let slot = sending.acquire_owned().await?;
+                let slot = launcher.sending.acquire().await?;
                 Ok::<_, tokio::sync::AcquireError>((place, slot))
             };
-            let wait = engine.settings.queued_at_most;
+            let wait = launcher.engine.settings.queued_at_most;
             let turn = tokio::select! {
                 turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
                 // Shutting down: a delivery still waiting is left to the next start.
-                _ = shutdown.cancelled() => None,
+                _ = launcher.shutdown.cancelled() => None,
             };
             let finished = match turn {
                 Some(turn) => {
-                    let finished = engine.attempt(delivery).await;
+                    let finished = launcher.engine.attempt(delivery).await;
                     drop(turn);
                     finished
                 }
@@ -565,7 +562,7 @@ impl Launcher {
                 // an attempt any more. Put it back, unsent.
                 None => {
                     if fresh {
-                        in_flight.spill(webhook);
+                        launcher.in_flight.spill(webhook);
                     }
                     Finished::unsent(delivery, Unsent::WaitedTooLong)
                 }
@@ -576,9 +573,9 @@ impl Launcher {
                 .unsent
                 .is_none()
                 .then_some(finished.report.succeeded);
-            in_flight.finish(webhook, limit, attempted);
+            launcher.in_flight.finish(webhook, limit, attempted);
             // The recorder only stops after every attempt has finished.
-            let _ = tx.send(finished).await;
+            let _ = launcher.tx.send(finished).await;
         });
     }
 }
