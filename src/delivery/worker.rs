@@ -546,7 +546,22 @@ impl Launcher {
                 let slot = launcher.sending.acquire().await?;
                 Ok::<_, tokio::sync::AcquireError>((place, slot))
             };
-            let wait = launcher.engine.settings.queued_at_most;
+            // At most `queued_at_most`, and never so long that the lease (taken before the
+            // claim or publish committed) could not cover a whole attempt after the wait.
+            let timeout_ms =
+                i64::try_from(launcher.engine.client.timeout().as_millis()).unwrap_or(i64::MAX);
+            let lease_left = delivery
+                .lease_until
+                .saturating_sub(now_millis())
+                .saturating_sub(timeout_ms)
+                .saturating_sub(1_000);
+            let wait = launcher
+                .engine
+                .settings
+                .queued_at_most
+                .min(Duration::from_millis(
+                    u64::try_from(lease_left).unwrap_or(0),
+                ));
             let turn = tokio::select! {
                 turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
                 // Shutting down: a delivery still waiting is left to the next start.
