@@ -187,7 +187,8 @@ pub struct Published {
 
 /// The engine's side of a publish: which fresh deliveries it takes at once (see
 /// [`Store::publish_event`]). Asked inside the publishing transaction, so it must answer
-/// at once.
+/// at once; asked again for the same deliveries if that transaction is run again (the
+/// room held for the first answers is given back with the reservation).
 pub trait Handover: Send + Sync {
     /// Whether the engine takes a fresh delivery to `webhook` now. A `true` holds room for
     /// it, which the publish's caller gives back if the publish fails.
