@@ -215,6 +215,18 @@ impl Recent {
     }
 }
 
+/// What `InFlight::take` did with a fresh delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    Taken,
+    /// Its webhook has room but older fresh deliveries wait in the database: a claim can
+    /// take them now.
+    Behind,
+    /// Its webhook's lane is full: a claim could not take it either until room frees
+    /// (which signals `InFlight::freed`).
+    Full,
+}
+
 /// Deliveries claimed per webhook, as a multiple of its cap.
 const PREFETCH: u32 = 2;
 
@@ -267,23 +279,27 @@ impl InFlight {
 
     /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
     /// spilled; otherwise counts it as spilled.
-    fn take(&self, webhook: WebhookId, per_webhook: u32, limit: u32) -> bool {
+    fn take(&self, webhook: WebhookId, per_webhook: u32, limit: u32) -> Take {
         let Ok(mut m) = self.lanes.lock() else {
-            return false;
+            return Take::Behind;
         };
         let m = &mut *m;
-        if m.spilled.get(&webhook).is_none_or(|n| *n == 0) {
-            let lane = m
-                .lanes
-                .entry(webhook)
-                .or_insert_with(|| Lane::new(per_webhook));
-            if lane.claimed < lane.depth(limit) {
+        let behind = m.spilled.get(&webhook).is_some_and(|n| *n > 0);
+        let lane = m
+            .lanes
+            .entry(webhook)
+            .or_insert_with(|| Lane::new(per_webhook));
+        let room = lane.claimed < lane.depth(limit);
+        let taken = match (behind, room) {
+            (false, true) => {
                 lane.claimed += 1;
-                return true;
+                return Take::Taken;
             }
-        }
+            (true, true) => Take::Behind,
+            (_, false) => Take::Full,
+        };
         *m.spilled.entry(webhook).or_insert(0) += 1;
-        false
+        taken
     }
 
     /// A fresh delivery went (or went back) to the database.
@@ -408,19 +424,20 @@ impl Handoff {
             lease_until: now_millis() + launcher.lease_ms,
             launcher,
             held: Mutex::new(Vec::new()),
+            claim: AtomicBool::new(false),
         }))
     }
 
     /// After a publish committed: starts the attempts of the deliveries handed over,
-    /// and wakes the dispatcher for the others.
+    /// and wakes the dispatcher if one it did not take could be claimed now (one whose
+    /// webhook is full is claimed when that webhook frees room).
     pub fn start(&self, reservation: Option<Arc<Reservation>>, published: &mut Published) {
         let handed = std::mem::take(&mut published.handed);
-        let waiting = !published.duplicate && published.deliveries > handed.len() as u64;
         if let Some(reservation) = reservation {
             reservation.launch(handed);
-        }
-        if waiting {
-            self.wakeup.wake();
+            if reservation.claim.load(Ordering::Relaxed) {
+                self.wakeup.wake();
+            }
         }
     }
 
@@ -437,6 +454,8 @@ pub struct Reservation {
     launcher: Arc<Launcher>,
     lease_until: EpochMillis,
     held: Mutex<Vec<(WebhookId, OwnedSemaphorePermit)>>,
+    /// A delivery it did not take could be claimed now: the dispatcher must look.
+    claim: AtomicBool,
 }
 
 impl Handover for Reservation {
@@ -447,13 +466,21 @@ impl Handover for Reservation {
         }
         let Ok(permit) = Arc::clone(&launcher.budget).try_acquire_owned() else {
             launcher.in_flight.spill(webhook);
+            self.claim.store(true, Ordering::Relaxed);
             return false;
         };
-        if !launcher
+        match launcher
             .in_flight
             .take(webhook, launcher.per_webhook, launcher.limit)
         {
-            return false;
+            Take::Taken => {}
+            Take::Behind => {
+                self.claim.store(true, Ordering::Relaxed);
+                return false;
+            }
+            // Waking the dispatcher for it would only make it read the database for
+            // nothing (under a hanging webhook's backlog, on every publish).
+            Take::Full => return false,
         }
         match self.held.lock() {
             Ok(mut held) => {
@@ -941,19 +968,31 @@ mod tests {
         let (webhook, other) = (WebhookId::new(), WebhookId::new());
         // Cap 2, limit 4: a lane with no history holds 4.
         for _ in 0..4 {
-            assert!(lanes.take(webhook, 2, 4));
+            assert_eq!(lanes.take(webhook, 2, 4), Take::Taken);
         }
-        assert!(!lanes.take(webhook, 2, 4), "past the lane's depth");
+        assert_eq!(
+            lanes.take(webhook, 2, 4),
+            Take::Full,
+            "past the lane's depth"
+        );
         // One finished: there is room again, but a fresh delivery went to the database,
         // so publishes wait until a claim has taken it back.
         lanes.finish(webhook, 4, Some(true));
-        assert!(!lanes.take(webhook, 2, 4), "overtook the spilled delivery");
-        assert!(lanes.take(other, 2, 4), "another webhook is not held up");
+        assert_eq!(
+            lanes.take(webhook, 2, 4),
+            Take::Behind,
+            "overtook the spilled one"
+        );
+        assert_eq!(
+            lanes.take(other, 2, 4),
+            Take::Taken,
+            "another webhook is held up"
+        );
         lanes.unspill([webhook].into_iter());
         // Two spilled (the refusal above counted one more): one claim back is not enough.
-        assert!(!lanes.take(webhook, 2, 4));
+        assert_eq!(lanes.take(webhook, 2, 4), Take::Behind);
         lanes.forget_spills();
-        assert!(lanes.take(webhook, 2, 4));
+        assert_eq!(lanes.take(webhook, 2, 4), Take::Taken);
         // Claims see the room the lane has left.
         assert_eq!(lanes.room(4).left(&webhook), 0);
         assert_eq!(lanes.room(4).left(&other), 3);
