@@ -152,10 +152,13 @@ pub fn main() -> ExitCode {
     let log_json =
         matches!(&cli.command, Command::Serve(args) if args.log_format == LogFormat::Json);
     crate::telemetry::init_logging(log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(args) = &cli.command
+        && let Some(threads) = args.worker_threads
     {
+        runtime.worker_threads(threads.get());
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");

@@ -2,7 +2,7 @@
 //! layers the last two). Everything is parsed and checked once, at start.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +119,9 @@ pub struct ServeArgs {
     /// Log format on standard error: `text` or `json` (one object per line).
     #[arg(long, env = "VIGNETIM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Threads of the async runtime (API and delivery engine). Default: one per CPU.
+    #[arg(long, env = "VIGNETIM_WORKER_THREADS")]
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 /// How logs are written.

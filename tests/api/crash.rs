@@ -56,6 +56,8 @@ impl Site {
             .env("VIGNETIM_RETRY_SCHEDULE", "200ms,200ms,200ms")
             .env("VIGNETIM_POLL_INTERVAL", "200ms")
             .env("VIGNETIM_LOG_FORMAT", "json")
+            // One runtime thread: the crash and shutdown paths hold with it too.
+            .env("VIGNETIM_WORKER_THREADS", "1")
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null());
         command
