@@ -285,21 +285,24 @@ impl InFlight {
         };
         let m = &mut *m;
         let behind = m.spilled.get(&webhook).is_some_and(|n| *n > 0);
-        let lane = m
+        // A webhook with nothing in the engine has a lane's room (`limit`).
+        let room = m
             .lanes
-            .entry(webhook)
-            .or_insert_with(|| Lane::new(per_webhook));
-        let room = lane.claimed < lane.depth(limit);
-        let taken = match (behind, room) {
+            .get_mut(&webhook)
+            .is_none_or(|lane| lane.claimed < lane.depth(limit));
+        let refused = match (behind, room) {
             (false, true) => {
-                lane.claimed += 1;
+                m.lanes
+                    .entry(webhook)
+                    .or_insert_with(|| Lane::new(per_webhook))
+                    .claimed += 1;
                 return Take::Taken;
             }
             (true, true) => Take::Behind,
             (_, false) => Take::Full,
         };
         *m.spilled.entry(webhook).or_insert(0) += 1;
-        taken
+        refused
     }
 
     /// A fresh delivery went (or went back) to the database.
@@ -996,6 +999,11 @@ mod tests {
         // Claims see the room the lane has left.
         assert_eq!(lanes.room(4).left(&webhook), 0);
         assert_eq!(lanes.room(4).left(&other), 3);
+        // A refusal keeps no lane for a webhook with nothing in the engine.
+        let third = WebhookId::new();
+        lanes.spill(third);
+        assert_eq!(lanes.take(third, 2, 4), Take::Behind);
+        assert!(!lanes.room(4).left.contains_key(&third));
     }
 
     #[test]
