@@ -1,15 +1,18 @@
-//! The delivery engine: claim due deliveries under a lease, sign and send each through
-//! the guarded client, record the outcomes in batches, and schedule what comes next.
+//! The delivery engine: take fresh deliveries from publishes and claim due ones under a
+//! lease, sign and send each through the guarded client, record the outcomes in batches,
+//! and schedule what comes next.
 //!
-//! Shape: one dispatcher task claims work and spawns one task per attempt (bounded by a
-//! global semaphore, and per webhook by a count of its attempts in flight that the claim
-//! respects, so a hanging endpoint holds at most its cap of attempts and never the pool);
-//! attempt tasks hand their reports to one recorder task, which writes them in batches.
-//! A webhook's place is free again as soon as its response is in, not once the outcome is
-//! recorded: a fast endpoint never waits on the database's commit.
+//! Shape: publishes hand the engine the deliveries it has room for, already leased
+//! ([`Handoff`]); one dispatcher task claims the others from the database. Each delivery
+//! gets a task ([`Launcher`]) that waits for one of its webhook's places (its cap of
+//! attempts in flight, so a hanging endpoint holds at most its cap and never the pool) and
+//! one of the global ones, sends, and hands its report to one recorder task, which writes
+//! them in batches. A webhook's place is free again as soon as its response is in, not once
+//! the outcome is recorded: a fast endpoint never waits on the database's commit.
 //!
 //! Architecture invariant: no database transaction is open while a request is in
-//! flight: the claim commits before the send, the record starts after it.
+//! flight: a claim or a publish commits before its deliveries are sent, the record starts
+//! after the send.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
