@@ -254,9 +254,10 @@ fn run_writer(conn: &Connection, rx: &mpsc::Receiver<WriteJob>, caught_up: &Atom
 
 /// Runs one job; one that panics (a bug) counts as failed, and its caller gets an error.
 fn run_job(conn: &Connection, job: &mut dyn WriteWork) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn)))
-        .inspect_err(|_| tracing::error!("a write job panicked; its changes are rolled back"))
-        .unwrap_or(false)
+    surviving_panic("a write job (its changes are rolled back)", || {
+        job.run(conn)
+    })
+    .unwrap_or(false)
 }
 
 /// Starts a named thread for a connection.
