@@ -163,6 +163,14 @@ fn webhook_active(conn: &Connection, tenant: Tenant, id: WebhookId) -> StoreResu
         .optional()?)
 }
 
+/// `NotFound` unless the organization exists.
+pub(super) fn require_organization(conn: &Connection, id: &str) -> StoreResult<()> {
+    conn.prepare_cached("SELECT 1 FROM organizations WHERE id = ?")?
+        .query_row([id], |_| Ok(()))
+        .optional()?
+        .ok_or(StoreError::NotFound)
+}
+
 /// Collects the rows of a query through a fallible converter.
 fn collect<T>(
     mut rows: rusqlite::Rows<'_>,
@@ -200,13 +208,7 @@ impl Store for SqliteStore {
         let (key, key_hash) = (key.clone(), key_hash.to_vec());
         self.writer
             .run(move |conn| {
-                let org: Option<i64> = conn
-                    .prepare_cached("SELECT 1 FROM organizations WHERE id = ?")?
-                    .query_row([key.organization_id.to_string()], |r| r.get(0))
-                    .optional()?;
-                if org.is_none() {
-                    return Err(StoreError::NotFound);
-                }
+                require_organization(conn, &key.organization_id.to_string())?;
                 conn.prepare_cached(
                     "INSERT INTO api_keys (id, organization_id, environment, name, key_hash, \
                      created_at) VALUES (?, ?, ?, ?, ?, ?)",

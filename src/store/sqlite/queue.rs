@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::hold_pending;
+use super::{hold_pending, require_organization};
 use crate::domain::event_type::Subscription;
 use crate::domain::ids::{DeliveryId, WebhookId};
 use crate::domain::retry::should_disable;
@@ -34,13 +34,7 @@ pub(super) fn publish(
 ) -> StoreResult<Published> {
     let org = tenant.organization_id.to_string();
     let env = tenant.environment.as_str();
-    let exists: Option<i64> = conn
-        .prepare_cached("SELECT 1 FROM organizations WHERE id = ?")?
-        .query_row([&org], |r| r.get(0))
-        .optional()?;
-    if exists.is_none() {
-        return Err(StoreError::NotFound);
-    }
+    require_organization(conn, &org)?;
     let seq: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO events (id, organization_id, environment, type, payload, created_at) \
@@ -84,7 +78,8 @@ pub(super) fn publish(
          status, attempt_count, next_attempt_at, lease_until, created_at, updated_at) \
          VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
     )?;
-    let lease_until = handover.map(Handover::lease_until);
+    // The engine's handover, and the lease the deliveries it takes are written with.
+    let handover = handover.map(|h| (h, h.lease_until()));
     let mut payload: Option<bytes::Bytes> = None;
     let mut handed = Vec::new();
     let mut deliveries = 0u64;
@@ -100,8 +95,8 @@ pub(super) fn publish(
         let delivery_id = DeliveryId::new();
         // Taken by the engine: written under its lease, due again only when that ends
         // (as a claim leaves it), and sent without a claim.
-        let taken = match (handover, lease_until) {
-            (Some(handover), Some(lease_until)) if active => {
+        let taken = match handover {
+            Some((handover, lease_until)) if active => {
                 let webhook_id: WebhookId = id.parse().map_err(|_| corrupt())?;
                 handover
                     .take(webhook_id)
@@ -109,6 +104,7 @@ pub(super) fn publish(
             }
             _ => None,
         };
+        let lease = taken.map(|(_, lease)| lease);
         insert.execute(params![
             delivery_id.to_string(),
             org,
@@ -116,8 +112,9 @@ pub(super) fn publish(
             id,
             seq,
             if active { "pending" } else { "held" },
-            taken.map_or(active.then_some(event.created_at), |(_, lease)| Some(lease)),
-            taken.map(|(_, lease)| lease),
+            // Due now, never (held), or when the engine's lease ends.
+            lease.or(active.then_some(event.created_at)),
+            lease,
             event.created_at,
             event.created_at
         ])?;
@@ -266,8 +263,7 @@ pub(super) fn claim(
                     body
                 }
             };
-            let id: String = row.get("id")?;
-            claimed.push(claimed_from_row(row, id, webhook, body)?);
+            claimed.push(claimed_from_row(row, webhook, body, lease_until)?);
         }
     }
     // A leased delivery is due again when its lease ends: if its attempt never reports,
@@ -276,8 +272,7 @@ pub(super) fn claim(
     let mut lease = conn.prepare_cached(
         "UPDATE deliveries SET lease_until = ?1, next_attempt_at = ?1 WHERE id = ?2",
     )?;
-    for c in &mut claimed {
-        c.lease_until = lease_until;
+    for c in &claimed {
         lease.execute(params![lease_until, c.delivery_id.to_string()])?;
     }
     Ok(claimed)
@@ -285,10 +280,11 @@ pub(super) fn claim(
 
 fn claimed_from_row(
     row: &Row,
-    id: String,
     webhook: &str,
     payload: bytes::Bytes,
+    lease_until: EpochMillis,
 ) -> StoreResult<ClaimedDelivery> {
+    let id: String = row.get("id")?;
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
     let org: String = row.get("organization_id")?;
     let env: String = row.get("environment")?;
@@ -306,7 +302,7 @@ fn claimed_from_row(
         event_created_at: row.get("event_created_at")?,
         payload,
         attempts_made: u32::try_from(attempts).unwrap_or(0),
-        lease_until: 0,
+        lease_until,
     })
 }
 
@@ -383,10 +379,10 @@ pub(super) fn record(
     }
     // The last success per webhook in this batch stops its failure clock; failures before
     // it do not count towards `consecutive_failures` (a success came after them).
-    let mut last_success: HashMap<String, usize> = HashMap::new();
+    let mut last_success: HashMap<WebhookId, usize> = HashMap::new();
     for (i, r) in reports.iter().enumerate() {
         if decided[i] == Some(DeliveryStatus::Succeeded) {
-            last_success.insert(r.webhook_id.to_string(), i);
+            last_success.insert(r.webhook_id, i);
         }
     }
     let mut clock = conn.prepare_cached(
@@ -394,14 +390,12 @@ pub(super) fn record(
            last_success_at = ?1 WHERE id = ?2",
     )?;
     for webhook in last_success.keys() {
-        clock.execute(params![now, webhook])?;
+        clock.execute(params![now, webhook.to_string()])?;
     }
     // Failures, one by one on the careful path.
     for (i, r) in reports.iter().enumerate() {
         if current[i] && r.unsent.is_none() && !r.succeeded {
-            let counts = last_success
-                .get(&r.webhook_id.to_string())
-                .is_none_or(|&s| s < i);
+            let counts = last_success.get(&r.webhook_id).is_none_or(|&s| s < i);
             decided[i] = Some(record_failure(conn, r, counts, policy, now)?);
         }
     }
