@@ -141,8 +141,9 @@ struct Finished {
 /// A webhook whose fresh deliveries went to the database instead ("spilled": its lane
 /// was full) takes none at publish until the claims have taken as many fresh deliveries
 /// of it back: newer events never overtake older ones waiting in the database.
-#[derive(Default)]
 struct InFlight {
+    /// Each webhook's places (`VIGNETIM_WEBHOOK_CONCURRENCY`).
+    per_webhook: u32,
     lanes: Mutex<Lanes>,
     /// The last claim was partial: it found work but less than it had room for, so more
     /// may be due for webhooks that filled up during it.
@@ -159,7 +160,18 @@ struct Lanes {
     spilled: HashMap<WebhookId, u32>,
 }
 
+impl Lanes {
+    /// The webhook's lane, made when it has nothing in the engine.
+    fn lane(&mut self, webhook: WebhookId, per_webhook: u32) -> &mut Lane {
+        self.lanes
+            .entry(webhook)
+            .or_insert_with(|| Lane::new(per_webhook))
+    }
+}
+
 struct Lane {
+    /// Its webhook's cap of attempts in flight.
+    places: u32,
     /// Claimed and not finished: sending or waiting for a place.
     claimed: u32,
     /// The webhook's places: one permit per attempt in flight to it.
@@ -241,64 +253,67 @@ const BUDGET_PER_PLACE: u32 = 32;
 const MAX_DEPTH: u32 = 128;
 
 impl InFlight {
-    fn room(&self, limit: u32) -> ClaimRoom {
+    fn new(per_webhook: u32) -> Self {
+        InFlight {
+            per_webhook,
+            lanes: Mutex::default(),
+            partial: AtomicBool::new(false),
+            freed: Notify::new(),
+        }
+    }
+
+    fn room(&self) -> ClaimRoom {
         ClaimRoom {
-            per_webhook: limit,
+            per_webhook: self.per_webhook.saturating_mul(PREFETCH),
             left: self
                 .lanes
                 .lock()
                 .map(|mut m| {
                     m.lanes
                         .iter_mut()
-                        .map(|(w, l)| (*w, l.depth(limit).saturating_sub(l.claimed)))
+                        .map(|(w, l)| (*w, l.depth().saturating_sub(l.claimed)))
                         .collect()
                 })
                 .unwrap_or_default(),
         }
     }
 
-    fn any_full(&self, limit: u32) -> bool {
+    fn any_full(&self) -> bool {
         self.lanes
             .lock()
-            .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth(limit)))
+            .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth()))
     }
 
     /// Counts a claimed delivery; returns its webhook's places.
-    fn start(&self, webhook: WebhookId, per_webhook: u32) -> Arc<Semaphore> {
+    fn start(&self, webhook: WebhookId) -> Arc<Semaphore> {
         match self.lanes.lock() {
             Ok(mut m) => {
-                let lane = m
-                    .lanes
-                    .entry(webhook)
-                    .or_insert_with(|| Lane::new(per_webhook));
+                let lane = m.lane(webhook, self.per_webhook);
                 lane.claimed += 1;
                 Arc::clone(&lane.sending)
             }
             // Unreachable in practice (nothing panics while holding the lock); a lane of
             // its own still respects the cap for this delivery.
-            Err(_) => Arc::new(Semaphore::new(per_webhook as usize)),
+            Err(_) => Arc::new(Semaphore::new(self.per_webhook as usize)),
         }
     }
 
     /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
     /// spilled; otherwise counts it as spilled.
-    fn take(&self, webhook: WebhookId, per_webhook: u32, limit: u32) -> Take {
+    fn take(&self, webhook: WebhookId) -> Take {
         let Ok(mut m) = self.lanes.lock() else {
             return Take::Behind;
         };
         let m = &mut *m;
         let behind = m.spilled.get(&webhook).is_some_and(|n| *n > 0);
-        // A webhook with nothing in the engine has a lane's room (`limit`).
+        // A webhook with nothing in the engine has a new lane's room.
         let room = m
             .lanes
             .get_mut(&webhook)
-            .is_none_or(|lane| lane.claimed < lane.depth(limit));
+            .is_none_or(|lane| lane.claimed < lane.depth());
         let refused = match (behind, room) {
             (false, true) => {
-                m.lanes
-                    .entry(webhook)
-                    .or_insert_with(|| Lane::new(per_webhook))
-                    .claimed += 1;
+                m.lane(webhook, self.per_webhook).claimed += 1;
                 return Take::Taken;
             }
             (true, true) => Take::Behind,
@@ -337,22 +352,17 @@ impl InFlight {
     }
 
     /// The places of a webhook whose delivery was counted by `take`.
-    fn places(&self, webhook: WebhookId, per_webhook: u32) -> Arc<Semaphore> {
+    fn places(&self, webhook: WebhookId) -> Arc<Semaphore> {
         match self.lanes.lock() {
-            Ok(mut m) => Arc::clone(
-                &m.lanes
-                    .entry(webhook)
-                    .or_insert_with(|| Lane::new(per_webhook))
-                    .sending,
-            ),
-            Err(_) => Arc::new(Semaphore::new(per_webhook as usize)),
+            Ok(mut m) => Arc::clone(&m.lane(webhook, self.per_webhook).sending),
+            Err(_) => Arc::new(Semaphore::new(self.per_webhook as usize)),
         }
     }
 
     /// Frees the delivery's room, and tells the dispatcher if that may let waiting work
     /// go (the webhook was full for claims, or the last claim was partial). `attempted`
     /// is `Some(succeeded)` when the delivery was sent.
-    fn finish(&self, webhook: WebhookId, limit: u32, attempted: Option<bool>) {
+    fn finish(&self, webhook: WebhookId, attempted: Option<bool>) {
         let was_full = match self.lanes.lock() {
             Ok(mut m) => {
                 let m = &mut *m;
@@ -362,7 +372,7 @@ impl InFlight {
                         if let Some(succeeded) = attempted {
                             lane.done.count(succeeded);
                         }
-                        let depth = lane.depth(limit);
+                        let depth = lane.depth();
                         // The step from full to not full; or room, while fresh deliveries
                         // of this webhook wait in the database.
                         let after = lane.claimed.saturating_sub(1);
@@ -387,18 +397,22 @@ impl InFlight {
 impl Lane {
     fn new(per_webhook: u32) -> Self {
         Lane {
+            places: per_webhook,
             claimed: 0,
             sending: Arc::new(Semaphore::new(per_webhook as usize)),
             done: Recent::new(),
         }
     }
 
-    /// Deliveries the webhook may hold, sending or waiting: `limit` (twice its places),
-    /// or what it answered in the last second while its attempts succeed (about a
-    /// second's wait, well inside what a lease allows), at most `MAX_DEPTH` places' worth.
-    fn depth(&mut self, limit: u32) -> u32 {
-        let places = limit / PREFETCH;
-        limit.max(self.done.per_second().min(places.saturating_mul(MAX_DEPTH)))
+    /// Deliveries the webhook may hold, sending or waiting: twice its places
+    /// (`PREFETCH`), or what it answered in the last second while its attempts succeed
+    /// (about a second's wait, well inside what a lease allows), at most `MAX_DEPTH` per
+    /// place.
+    fn depth(&mut self) -> u32 {
+        let at_most = self.places.saturating_mul(MAX_DEPTH);
+        self.places
+            .saturating_mul(PREFETCH)
+            .max(self.done.per_second().min(at_most))
     }
 }
 
@@ -475,10 +489,7 @@ impl Handover for Reservation {
             self.claim.store(true, Ordering::Relaxed);
             return false;
         };
-        match launcher
-            .in_flight
-            .take(webhook, launcher.per_webhook, launcher.limit)
-        {
+        match launcher.in_flight.take(webhook) {
             Take::Taken => {}
             Take::Behind => {
                 self.claim.store(true, Ordering::Relaxed);
@@ -494,7 +505,7 @@ impl Handover for Reservation {
                 true
             }
             Err(_) => {
-                launcher.in_flight.finish(webhook, launcher.limit, None);
+                launcher.in_flight.finish(webhook, None);
                 false
             }
         }
@@ -518,10 +529,7 @@ impl Reservation {
                 continue;
             };
             let (webhook, permit) = held.swap_remove(i);
-            let places = self
-                .launcher
-                .in_flight
-                .places(webhook, self.launcher.per_webhook);
+            let places = self.launcher.in_flight.places(webhook);
             self.launcher.launch(delivery, places, permit);
         }
     }
@@ -533,9 +541,7 @@ impl Drop for Reservation {
         if let Ok(mut held) = self.held.lock() {
             for (webhook, permit) in held.drain(..) {
                 drop(permit);
-                self.launcher
-                    .in_flight
-                    .finish(webhook, self.launcher.limit, None);
+                self.launcher.in_flight.finish(webhook, None);
             }
         }
     }
@@ -553,9 +559,6 @@ pub struct Launcher {
     budget: Arc<Semaphore>,
     attempts: TaskTracker,
     shutdown: CancellationToken,
-    per_webhook: u32,
-    /// Deliveries a claim may hold per webhook: its places and as many waiting.
-    limit: u32,
     lease_ms: i64,
 }
 
@@ -571,7 +574,7 @@ impl Launcher {
     ) {
         // One handle per task rather than a clone of each part.
         let launcher = Arc::clone(self);
-        let (webhook, limit) = (delivery.webhook_id, self.limit);
+        let webhook = delivery.webhook_id;
         let fresh = delivery.attempts_made == 0;
         self.attempts.spawn(async move {
             let turn = async {
@@ -621,7 +624,7 @@ impl Launcher {
                 .unsent
                 .is_none()
                 .then_some(finished.report.succeeded);
-            launcher.in_flight.finish(webhook, limit, attempted);
+            launcher.in_flight.finish(webhook, attempted);
             // The recorder only stops after every attempt has finished.
             let _ = launcher.tx.send(finished).await;
         });
@@ -662,10 +665,7 @@ impl Engine {
         // Attempts in flight, in all. A delivery waiting for its turn holds none, so a
         // hanging webhook's waiting deliveries take no place from the healthy ones.
         let sending = Arc::new(Semaphore::new(self.settings.concurrency as usize));
-        let in_flight = Arc::new(InFlight::default());
-        let per_webhook = self.settings.per_webhook;
-        // Deliveries a claim may hold per webhook: its places and as many waiting.
-        let limit = per_webhook.saturating_mul(PREFETCH);
+        let in_flight = Arc::new(InFlight::new(self.settings.per_webhook));
         let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
         let launcher = Arc::new(Launcher {
             engine: Arc::clone(self),
@@ -675,8 +675,6 @@ impl Engine {
             budget: Arc::clone(&permits),
             attempts: attempts.clone(),
             shutdown: shutdown.clone(),
-            per_webhook,
-            limit,
             lease_ms,
         });
         self.handoff.set(Some(Arc::clone(&launcher)));
@@ -695,7 +693,7 @@ impl Engine {
             let wakeups = self.wakeup.count();
             let claimed = match self
                 .store
-                .claim_due(now, want, &in_flight.room(limit), now + lease_ms)
+                .claim_due(now, want, &in_flight.room(), now + lease_ms)
                 .await
             {
                 Ok(claimed) => claimed,
@@ -728,7 +726,7 @@ impl Engine {
                         Err(_) => break,
                     },
                 };
-                let places = in_flight.start(delivery.webhook_id, per_webhook);
+                let places = in_flight.start(delivery.webhook_id);
                 launcher.launch(delivery, places, permit);
             }
             drop(first);
@@ -747,7 +745,7 @@ impl Engine {
                 }
                 let clogged = matches!(next_due, Ok(Some(at)) if at <= now)
                     && self.wakeup.count() == wakeups
-                    && in_flight.any_full(limit);
+                    && in_flight.any_full();
                 tracing::trace!(clogged, next_due = ?next_due.as_ref().ok(), now, "nothing claimed");
                 let wait = match next_due {
                     Ok(Some(at)) if at > now => {
@@ -970,60 +968,52 @@ mod tests {
 
     #[test]
     fn publishes_hand_over_until_the_lane_is_full_then_wait_behind_what_spilled() {
-        let lanes = InFlight::default();
+        let lanes = InFlight::new(2);
         let (webhook, other) = (WebhookId::new(), WebhookId::new());
         // Cap 2, limit 4: a lane with no history holds 4.
         for _ in 0..4 {
-            assert_eq!(lanes.take(webhook, 2, 4), Take::Taken);
+            assert_eq!(lanes.take(webhook), Take::Taken);
         }
-        assert_eq!(
-            lanes.take(webhook, 2, 4),
-            Take::Full,
-            "past the lane's depth"
-        );
+        assert_eq!(lanes.take(webhook), Take::Full, "past the lane's depth");
         // One finished: there is room again, but a fresh delivery went to the database,
         // so publishes wait until a claim has taken it back.
-        lanes.finish(webhook, 4, Some(true));
+        lanes.finish(webhook, Some(true));
         assert_eq!(
-            lanes.take(webhook, 2, 4),
+            lanes.take(webhook),
             Take::Behind,
             "overtook the spilled one"
         );
-        assert_eq!(
-            lanes.take(other, 2, 4),
-            Take::Taken,
-            "another webhook is held up"
-        );
+        assert_eq!(lanes.take(other), Take::Taken, "another webhook is held up");
         lanes.unspill([webhook].into_iter());
         // Two spilled (the refusal above counted one more): one claim back is not enough.
-        assert_eq!(lanes.take(webhook, 2, 4), Take::Behind);
+        assert_eq!(lanes.take(webhook), Take::Behind);
         lanes.forget_spills();
-        assert_eq!(lanes.take(webhook, 2, 4), Take::Taken);
+        assert_eq!(lanes.take(webhook), Take::Taken);
         // Claims see the room the lane has left.
-        assert_eq!(lanes.room(4).left(&webhook), 0);
-        assert_eq!(lanes.room(4).left(&other), 3);
+        assert_eq!(lanes.room().left(&webhook), 0);
+        assert_eq!(lanes.room().left(&other), 3);
         // A refusal keeps no lane for a webhook with nothing in the engine.
         let third = WebhookId::new();
         lanes.spill(third);
-        assert_eq!(lanes.take(third, 2, 4), Take::Behind);
-        assert!(!lanes.room(4).left.contains_key(&third));
+        assert_eq!(lanes.take(third), Take::Behind);
+        assert!(!lanes.room().left.contains_key(&third));
     }
 
     #[test]
     fn a_lane_that_answers_fast_queues_about_a_second_of_work_unless_it_fails() {
         let mut lane = Lane::new(2);
-        assert_eq!(lane.depth(4), 4);
+        assert_eq!(lane.depth(), 4);
         for _ in 0..100 {
             lane.done.count(true);
         }
-        assert_eq!(lane.depth(4), 100);
+        assert_eq!(lane.depth(), 100);
         // At most MAX_DEPTH per place.
         for _ in 0..1_000 {
             lane.done.count(true);
         }
-        assert_eq!(lane.depth(4), 2 * MAX_DEPTH);
+        assert_eq!(lane.depth(), 2 * MAX_DEPTH);
         // A failure: its retries wait in the database, so no deep queue of fresh ones.
         lane.done.count(false);
-        assert_eq!(lane.depth(4), 4);
+        assert_eq!(lane.depth(), 4);
     }
 }
