@@ -8,8 +8,8 @@ use vignetim_webhooks::domain::ids::{OrganizationId, WebhookId};
 use vignetim_webhooks::domain::retry::RetrySchedule;
 use vignetim_webhooks::store::sqlite::SqliteStore;
 use vignetim_webhooks::store::{
-    AttemptRecord, AttemptReport, ClaimRoom, DeliveryPolicy, DeliveryStatus, Handover, NewEvent,
-    NewWebhook, Organization, Store, Tenant, Unsent,
+    AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
+    Handover, NewEvent, NewWebhook, Organization, Published, Store, Tenant, Unsent,
 };
 
 async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, WebhookId) {
@@ -28,10 +28,7 @@ async fn store_with_one_delivery() -> (tempfile::TempDir, SqliteStore, Tenant, W
     };
     let webhook = add_webhook(&store, tenant, "https://example.com/hook", 0).await;
     let event = event("e1", 1);
-    store
-        .publish_event(tenant, &event, None)
-        .await
-        .expect("publish");
+    publish(&store, tenant, &event, None).await;
     (dir, store, tenant, webhook)
 }
 
@@ -56,6 +53,27 @@ async fn add_webhook(store: &SqliteStore, tenant: Tenant, url: &str, created_at:
     id
 }
 
+/// Claims up to 10 due deliveries, with room for 10 per webhook.
+async fn claim(store: &SqliteStore, now: i64, lease_until: i64) -> Vec<ClaimedDelivery> {
+    store
+        .claim_due(now, 10, &ClaimRoom::empty(10), lease_until)
+        .await
+        .expect("claim")
+}
+
+/// Publishes `event`, with the engine's `handover` if one is given.
+async fn publish(
+    store: &SqliteStore,
+    tenant: Tenant,
+    event: &NewEvent,
+    handover: Option<Arc<dyn Handover>>,
+) -> Published {
+    store
+        .publish_event(tenant, event, handover)
+        .await
+        .expect("publish")
+}
+
 /// An `order.completed` event with an empty object as data.
 fn event(id: impl Into<String>, created_at: i64) -> NewEvent {
     NewEvent {
@@ -66,11 +84,7 @@ fn event(id: impl Into<String>, created_at: i64) -> NewEvent {
     }
 }
 
-fn report(
-    claimed: &vignetim_webhooks::store::ClaimedDelivery,
-    succeeded: bool,
-    lease_until: i64,
-) -> AttemptReport {
+fn report(claimed: &ClaimedDelivery, succeeded: bool, lease_until: i64) -> AttemptReport {
     AttemptReport {
         delivery_id: claimed.delivery_id,
         webhook_id: claimed.webhook_id,
@@ -100,10 +114,7 @@ fn policy() -> DeliveryPolicy {
 #[tokio::test]
 async fn a_stale_report_is_logged_but_decides_nothing() {
     let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
-    let claimed = store
-        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
-        .await
-        .expect("claim");
+    let claimed = claim(&store, 5, 1_000).await;
     assert_eq!(claimed.len(), 1);
     let first = &claimed[0];
     // The lease runs from when the writer was had: 1,000 plus however long that took.
@@ -113,10 +124,7 @@ async fn a_stale_report_is_logged_but_decides_nothing() {
         first.lease_until
     );
     // The lease expires; the delivery is claimed again.
-    let again = store
-        .claim_due(2_000, 10, &ClaimRoom::empty(10), 3_000)
-        .await
-        .expect("claim");
+    let again = claim(&store, 2_000, 3_000).await;
     assert_eq!(again.len(), 1);
     // The first claim's late failure changes nothing...
     let statuses = store
@@ -166,10 +174,7 @@ async fn put_back_unsent(
     vignetim_webhooks::store::DeliveryView,
 ) {
     let (dir, store, tenant, webhook) = store_with_one_delivery().await;
-    let claimed = store
-        .claim_due(5, 10, &ClaimRoom::empty(10), 1_000)
-        .await
-        .expect("claim");
+    let claimed = claim(&store, 5, 1_000).await;
     let mut r = report(&claimed[0], false, claimed[0].lease_until);
     r.unsent = Some(why);
     let statuses = store
@@ -208,10 +213,7 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
             let store = store.clone();
             tokio::spawn(async move {
                 let event = event(format!("old-{n}"), 100 + n);
-                store
-                    .publish_event(tenant, &event, None)
-                    .await
-                    .expect("publish");
+                publish(&store, tenant, &event, None).await;
             })
         })
         .collect();
@@ -219,10 +221,7 @@ async fn purge_removes_everything_past_the_retention_in_chunks() {
         t.await.expect("task");
     }
     let new = event("new", 10_000);
-    store
-        .publish_event(tenant, &new, None)
-        .await
-        .expect("publish");
+    publish(&store, tenant, &new, None).await;
     assert_eq!(store.purge(5_000).await.expect("purge"), 1_101);
     let left = store
         .list_deliveries(tenant, webhook, None, None, 250)
@@ -257,10 +256,7 @@ async fn a_delivery_that_waited_too_long_is_due_again_at_once_unsent() {
     let (_dir, store, _tenant, _webhook, view) = put_back_unsent(Unsent::WaitedTooLong, 400).await;
     assert_eq!(view.next_attempt_at, Some(400));
     // And it is claimed again at once.
-    let again = store
-        .claim_due(401, 10, &ClaimRoom::empty(10), 2_000)
-        .await
-        .expect("claim");
+    let again = claim(&store, 401, 2_000).await;
     assert_eq!(again.len(), 1);
 }
 
@@ -269,10 +265,7 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
     let (_dir, store, tenant, paused) = store_with_one_delivery().await;
     // 300 more due deliveries for the first webhook, ahead of a second webhook's one.
     for n in 0..300 {
-        store
-            .publish_event(tenant, &event(format!("p{n}"), 2), None)
-            .await
-            .expect("publish");
+        publish(&store, tenant, &event(format!("p{n}"), 2), None).await;
     }
     // All of them claimed, then the webhook paused while they are in flight, then their
     // leases run out: they are pending, due, and their webhook inactive.
@@ -298,10 +291,7 @@ async fn due_rows_of_a_paused_webhook_never_take_the_places_of_others() {
         .await
         .expect("pause");
     let healthy = add_webhook(&store, tenant, "https://example.com/other", 8).await;
-    store
-        .publish_event(tenant, &event("h1", 20), None)
-        .await
-        .expect("publish");
+    publish(&store, tenant, &event("h1", 20), None).await;
     // Past the leases: the paused webhook's 301 rows come first in the due index.
     let next = store
         .claim_due(30, 10, &ClaimRoom::empty(16), 1_000)
@@ -328,10 +318,13 @@ async fn a_delivery_handed_over_at_publish_is_leased_and_not_claimed_until_its_l
     let (_dir, store, tenant, first) = store_with_one_delivery().await;
     let taken = add_webhook(&store, tenant, "https://example.com/taken", 0).await;
     // The first webhook's delivery of e1 is still due; e2's goes to both webhooks.
-    let published = store
-        .publish_event(tenant, &event("e2", 2), Some(Arc::new(TakeOnly(taken))))
-        .await
-        .expect("publish");
+    let published = publish(
+        &store,
+        tenant,
+        &event("e2", 2),
+        Some(Arc::new(TakeOnly(taken))),
+    )
+    .await;
     assert_eq!(published.deliveries, 2);
     assert_eq!(published.handed.len(), 1);
     let handed = &published.handed[0];
@@ -346,10 +339,7 @@ async fn a_delivery_handed_over_at_publish_is_leased_and_not_claimed_until_its_l
     assert_eq!((handed.attempts_made, handed.lease_until), (0, 1_000));
 
     // Claims see only the deliveries not handed over while the lease holds.
-    let claimed = store
-        .claim_due(5, 10, &ClaimRoom::empty(10), 2_000)
-        .await
-        .expect("claim");
+    let claimed = claim(&store, 5, 2_000).await;
     assert_eq!(claimed.len(), 2);
     assert!(claimed.iter().all(|c| c.webhook_id == first));
     // Its outcome is recorded like a claimed one's.
@@ -360,20 +350,17 @@ async fn a_delivery_handed_over_at_publish_is_leased_and_not_claimed_until_its_l
     assert_eq!(statuses, vec![DeliveryStatus::Succeeded]);
 
     // Had its attempt never reported, it is due again when the lease ends.
-    let lost = store
-        .publish_event(tenant, &event("e3", 3), Some(Arc::new(TakeOnly(taken))))
-        .await
-        .expect("publish");
+    let lost = publish(
+        &store,
+        tenant,
+        &event("e3", 3),
+        Some(Arc::new(TakeOnly(taken))),
+    )
+    .await;
     assert_eq!(lost.handed.len(), 1);
-    let before = store
-        .claim_due(999, 10, &ClaimRoom::empty(10), 5_000)
-        .await
-        .expect("claim");
+    let before = claim(&store, 999, 5_000).await;
     assert!(before.iter().all(|c| c.webhook_id == first));
-    let after = store
-        .claim_due(1_000, 10, &ClaimRoom::empty(10), 5_000)
-        .await
-        .expect("claim");
+    let after = claim(&store, 1_000, 5_000).await;
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].delivery_id, lost.handed[0].delivery_id);
 }
