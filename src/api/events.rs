@@ -116,7 +116,7 @@ pub async fn publish(
         None => EventId::new().to_string(),
     };
     let event = NewEvent {
-        payload: event_payload(&id, event_type, now, data),
+        payload: event_payload(&id, event_type, now, data).into(),
         id,
         event_type: event_type.to_owned(),
         created_at: now,

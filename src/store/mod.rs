@@ -169,7 +169,9 @@ pub struct NewEvent {
     /// The public id (`webhook-id`): the caller's, or a generated `evt-…`.
     pub id: String,
     pub event_type: String,
-    pub payload: Vec<u8>,
+    /// The bytes delivered and signed, shared (not copied) with the deliveries handed
+    /// to the engine.
+    pub payload: bytes::Bytes,
     pub created_at: EpochMillis,
 }
 

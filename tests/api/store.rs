@@ -79,7 +79,7 @@ fn event(id: impl Into<String>, created_at: i64) -> NewEvent {
     NewEvent {
         id: id.into(),
         event_type: "order.completed".into(),
-        payload: b"{}".to_vec(),
+        payload: bytes::Bytes::from_static(b"{}"),
         created_at,
     }
 }

@@ -47,7 +47,7 @@ pub(super) fn publish(
                 org,
                 env,
                 event.event_type,
-                event.payload,
+                event.payload.as_ref(),
                 event.created_at
             ],
             |r| r.get(0),
@@ -80,7 +80,6 @@ pub(super) fn publish(
     )?;
     // The engine's handover, and the lease the deliveries it takes are written with.
     let handover = handover.map(|h| (h, h.lease_until()));
-    let mut payload: Option<bytes::Bytes> = None;
     let mut handed = Vec::new();
     let mut deliveries = 0u64;
     while let Some(row) = rows.next()? {
@@ -120,9 +119,6 @@ pub(super) fn publish(
         ])?;
         deliveries += 1;
         if let Some((webhook_id, lease_until)) = taken {
-            let payload = payload
-                .get_or_insert_with(|| bytes::Bytes::from(event.payload.clone()))
-                .clone();
             handed.push(ClaimedDelivery {
                 delivery_id,
                 tenant,
@@ -131,7 +127,7 @@ pub(super) fn publish(
                 secrets: sealed_from_row(row)?,
                 event_id: event.id.clone(),
                 event_created_at: event.created_at,
-                payload,
+                payload: event.payload.clone(),
                 attempts_made: 0,
                 lease_until,
             });
