@@ -653,18 +653,33 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     Ok((figures, service.peak_rss_kib()))
 }
 
-/// The receiver driven by a bare keep-alive HTTPS client: what the machine can do.
+/// The receiver driven by a bare keep-alive HTTPS client: what the machine can do. It is
+/// the client stack the service delivers with (hyper-util's pooled client over
+/// hyper-rustls, HTTP/2 when offered), so the ratio measures the service, not a client.
 async fn ceiling(
     receiver: &Receiver,
     requests: u64,
     concurrency: usize,
     ca_file: &Path,
 ) -> anyhow::Result<f64> {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_file)?)?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .tls_certs_only([ca])
-        .build()?;
+    use hyper_util::client::legacy::Client;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)? {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
     let body = Bytes::from(vec![b'x'; 400]);
     receiver.reset();
     let next = Arc::new(AtomicU64::new(0));
@@ -679,16 +694,14 @@ async fn ceiling(
                 if n >= requests {
                     break;
                 }
-                let r = client
-                    .post(format!(
-                        "https://127.0.0.1:{port}/h/{}",
-                        n % WEBHOOKS as u64
-                    ))
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                let _ = r.bytes().await?;
+                let request = http::Request::post(format!(
+                    "https://127.0.0.1:{port}/h/{}",
+                    n % WEBHOOKS as u64
+                ))
+                .header("content-type", "application/json")
+                .body(Full::new(body.clone()))?;
+                let response = client.request(request).await?;
+                let _ = response.into_body().collect().await?;
             }
             anyhow::Ok(())
         }));

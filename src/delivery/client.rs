@@ -18,7 +18,17 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
 
 use crate::domain::retry::parse_retry_after;
 use crate::domain::url_policy::{AllowList, BlockReason, WebhookUrl, check_ip};
@@ -77,21 +87,36 @@ impl fmt::Display for DnsFailure {
 }
 impl StdError for DnsFailure {}
 
-/// reqwest's resolver hook: resolve, check every answer, return only checked addresses.
+/// The connector's resolver: resolve, check every answer, return only checked addresses.
+/// (hyper-util's connector asks it only about names: IP-literal hosts never reach it.)
+#[derive(Clone)]
 struct GuardedResolver {
     inner: Arc<dyn Resolver>,
     allow: AllowList,
 }
 
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+type Resolving =
+    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, BoxError>> + Send>>;
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Resolving;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         let allow = self.allow.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let ips = inner.lookup(&host).await.map_err(|e| {
-                Box::new(DnsFailure(e.to_string())) as Box<dyn StdError + Send + Sync>
-            })?;
+            let ips = inner
+                .lookup(&host)
+                .await
+                .map_err(|e| Box::new(DnsFailure(e.to_string())) as BoxError)?;
             if ips.is_empty() {
                 return Err(Box::new(DnsFailure("no addresses".to_owned())) as _);
             }
@@ -102,9 +127,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     return Err(Box::new(Blocked { ip: *ip, reason }) as _);
                 }
             }
-            let addrs: reqwest::dns::Addrs =
-                Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
-            Ok(addrs)
+            // The connector puts the URL's port on each address.
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
+            Ok(addrs.into_iter())
         })
     }
 }
@@ -202,10 +227,12 @@ pub struct ClientSettings {
     pub resolver: Arc<dyn Resolver>,
 }
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct GuardedClient {
-    http: reqwest::Client,
+    http: Client<Connector, Full<Bytes>>,
     allow: AllowList,
     timeout: Duration,
 }
@@ -215,35 +242,63 @@ pub struct GuardedClient {
 #[error("could not build the HTTP client: {0}")]
 pub struct ClientBuildError(String);
 
+const USER_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")));
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 impl GuardedClient {
     pub fn new(settings: ClientSettings) -> Result<Self, ClientBuildError> {
         // One crypto provider for the process (ring); a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            // No client-level total timeout: `send` enforces one deadline itself, so that
-            // a response whose status arrived is judged by it even if its body stalls.
-            .connect_timeout(settings.timeout)
-            .user_agent(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .dns_resolver(Arc::new(GuardedResolver {
-                inner: settings.resolver,
-                allow: settings.allow.clone(),
-            }));
-        if let Some(pem) = &settings.extra_roots_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientBuildError(format!("extra CA file: {e}")))?;
-            if certs.is_empty() {
-                return Err(ClientBuildError(
-                    "extra CA file holds no certificate".to_owned(),
-                ));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let extra_roots = match &settings.extra_roots_pem {
+            None => Vec::new(),
+            Some(pem) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = CertificateDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ClientBuildError(format!("extra CA file: {e}")))?;
+                if certs.is_empty() {
+                    return Err(ClientBuildError(
+                        "extra CA file holds no certificate".to_owned(),
+                    ));
+                }
+                certs
             }
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| ClientBuildError(e.to_string()))?;
+        };
+        // The platform's roots (and any extra ones), verified as the platform does.
+        let verifier =
+            rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider.clone())
+                .map_err(|e| ClientBuildError(format!("TLS roots: {e}")))?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientBuildError(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        let mut tcp = HttpConnector::new_with_resolver(GuardedResolver {
+            inner: settings.resolver,
+            allow: settings.allow.clone(),
+        });
+        // https is checked by the URL policy and by the TLS layer below, not here.
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        // No total timeout on the client: `send` enforces one deadline itself, so that a
+        // response whose status arrived is judged by it even if its body stalls.
+        tcp.set_connect_timeout(Some(settings.timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        // hyper-util's pooled client: keep-alive per endpoint, HTTP/2 when the receiver
+        // offers it (ALPN), no redirects, no proxy, no decompression.
+        let http = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
         Ok(Self {
             http,
             allow: settings.allow,
@@ -262,18 +317,17 @@ impl GuardedClient {
         // The stored URL passed the policy when it was saved; check it again (the
         // allow-list may have changed). `WebhookUrl::parse` judges IP-literal hosts against
         // the same allow-list: they never reach the resolver, so this is their check.
-        let url = match WebhookUrl::parse(dispatch.url, &self.allow) {
-            Ok(url) => url,
+        let uri = match WebhookUrl::parse(dispatch.url, &self.allow)
+            .map_err(|e| e.to_string())
+            .and_then(|url| Uri::try_from(url.url().as_str()).map_err(|e| e.to_string()))
+        {
+            Ok(uri) => uri,
             Err(e) => {
-                return Outcome::failed(
-                    FailureClass::BlockedAddress,
-                    e.to_string(),
-                    started.elapsed(),
-                );
+                return Outcome::failed(FailureClass::BlockedAddress, e, started.elapsed());
             }
         };
         let deadline = tokio::time::Instant::from_std(started) + self.timeout;
-        let mut outcome = self.exchange(url.url().clone(), dispatch, deadline).await;
+        let mut outcome = self.exchange(uri, dispatch, deadline).await;
         outcome.elapsed = started.elapsed();
         outcome
     }
@@ -282,23 +336,21 @@ impl GuardedClient {
     /// `timeout`; a body still arriving then is cut, and the status decides.
     async fn exchange(
         &self,
-        url: url::Url,
+        uri: Uri,
         dispatch: Dispatch<'_>,
         deadline: tokio::time::Instant,
     ) -> Outcome {
         let started = Instant::now();
-        let request = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("webhook-id", dispatch.msg_id)
-            .header("webhook-timestamp", dispatch.timestamp.to_string())
-            .header("webhook-signature", dispatch.signature)
-            .body(dispatch.body);
-        let mut response = match tokio::time::timeout_at(deadline, request.send()).await {
+        let request = match signed_request(uri, dispatch) {
+            Ok(request) => request,
+            Err(e) => {
+                return Outcome::failed(FailureClass::Connect, e.to_string(), started.elapsed());
+            }
+        };
+        let response = match tokio::time::timeout_at(deadline, self.http.request(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let (class, detail) = classify_error(e);
+                let (class, detail) = classify_error(&e);
                 return Outcome::failed(class, detail, started.elapsed());
             }
             Err(_) => {
@@ -312,15 +364,19 @@ impl GuardedClient {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        let mut incoming = response.into_body();
         let mut body = Vec::new();
         let mut truncated = false;
-        // Read in chunks and stop at the cap: an endless body costs at most 64 KiB.
+        // Read in frames and stop at the cap: an endless body costs at most 64 KiB.
         // A body that breaks off or stalls after the status line does not change the
         // verdict: the status already arrived.
-        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await {
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, incoming.frame()).await {
+            let Ok(chunk) = frame.into_data() else {
+                continue; // trailers
+            };
             let room = MAX_RESPONSE_BODY - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);
@@ -347,11 +403,22 @@ impl GuardedClient {
     }
 }
 
-/// Maps a transport error to its failure class by walking the cause chain. The URL is
-/// dropped from the text: a customer's URL may carry a token in its query.
-fn classify_error(error: reqwest::Error) -> (FailureClass, String) {
-    let error = error.without_url();
-    let mut source: Option<&(dyn StdError + 'static)> = Some(&error);
+/// The POST with the Standard Webhooks headers over the stored bytes.
+fn signed_request(uri: Uri, dispatch: Dispatch<'_>) -> Result<Request<Full<Bytes>>, http::Error> {
+    Request::post(uri)
+        .header(http::header::USER_AGENT, USER_AGENT)
+        .header(http::header::CONTENT_TYPE, JSON)
+        .header("webhook-id", dispatch.msg_id)
+        .header("webhook-timestamp", dispatch.timestamp)
+        .header("webhook-signature", dispatch.signature)
+        .body(Full::new(dispatch.body))
+}
+
+/// Maps a transport error to its failure class by walking the cause chain. The texts
+/// carry no URL (a customer's URL may carry a token in its query): hyper-util's errors
+/// never name it.
+fn classify_error(error: &hyper_util::client::legacy::Error) -> (FailureClass, String) {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(blocked) = e.downcast_ref::<Blocked>() {
             return (FailureClass::BlockedAddress, blocked.to_string());
@@ -362,14 +429,15 @@ fn classify_error(error: reqwest::Error) -> (FailureClass, String) {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return (FailureClass::Tls, format!("TLS: {tls}"));
         }
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return (FailureClass::Timeout, "timed out".to_owned());
+        }
         source = next_cause(e);
     }
-    if error.is_timeout() {
-        (FailureClass::Timeout, "timed out".to_owned())
-    } else {
-        // Refused, reset, closed before a response: the endpoint could not be reached.
-        (FailureClass::Connect, chain_text(&error))
-    }
+    // Refused, reset, closed before a response: the endpoint could not be reached.
+    (FailureClass::Connect, chain_text(error))
 }
 
 /// The next error in the chain. A custom `io::Error` reports its inner error's *source*
