@@ -34,7 +34,10 @@ const GROUP_MAX: usize = 512;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 128;
 /// The schema, in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../migrations/sqlite/0002_deliveries_status_check.sql"),
+];
 
 /// A job for the writer: it runs (twice if another job of its transaction failed), then
 /// answers its caller once.
@@ -121,6 +124,11 @@ fn open_writer(path: &Path) -> StoreResult<Connection> {
 }
 
 /// Applies the migrations the database has not seen, each in its own transaction.
+///
+/// A migration may rebuild a table (SQLite cannot change a constraint in place), and
+/// dropping the old table would trip the foreign keys that point at it. So migrations run
+/// with foreign keys off (which can only be switched outside a transaction), and every
+/// foreign key of the database is checked before each one commits.
 fn migrate(conn: &Connection) -> StoreResult<()> {
     let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(0);
@@ -130,16 +138,35 @@ fn migrate(conn: &Connection) -> StoreResult<()> {
             MIGRATIONS.len()
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        // `user_version` cannot be bound; it is our own number.
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        ))
-        .inspect_err(|_| {
-            let _ = conn.execute_batch("ROLLBACK");
-        })?;
+    conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+    let migrated = MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(applied)
+        .try_for_each(|(i, sql)| {
+            apply(conn, sql, i + 1).inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })
+        });
+    conn.execute_batch("PRAGMA foreign_keys = ON")?;
+    migrated
+}
+
+/// One migration, as schema version `version`.
+fn apply(conn: &Connection, sql: &str, version: usize) -> StoreResult<()> {
+    // `user_version` cannot be bound; it is our own number.
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version};"
+    ))?;
+    let broken: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+        r.get(0)
+    })?;
+    if broken > 0 {
+        return Err(StoreError::Corrupt(format!(
+            "migration {version} would leave {broken} rows with a dangling foreign key"
+        )));
     }
+    conn.execute_batch("COMMIT")?;
     Ok(())
 }
 
@@ -402,6 +429,97 @@ mod tests {
             [format!("org-{name}"), name.to_owned()],
         )?;
         Ok(())
+    }
+
+    #[test]
+    fn the_status_check_migration_keeps_every_row_and_the_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        // A database at schema version 1, with a delivery and its attempt.
+        {
+            let conn = open(&path, false).expect("open");
+            apply(&conn, MIGRATIONS[0], 1).expect("version 1");
+            conn.execute_batch(
+                "INSERT INTO organizations VALUES ('org-a', 'a', 0);
+                 INSERT INTO webhooks (id, organization_id, environment, url, events, secret,
+                     created_at, updated_at)
+                     VALUES ('wh-a', 'org-a', 'live', 'https://a.example/', '[\"*\"]', x'00', 0, 0);
+                 INSERT INTO events (seq, id, organization_id, environment, type, payload, created_at)
+                     VALUES (7, 'evt-a', 'org-a', 'live', 't', x'7b7d', 0);
+                 INSERT INTO deliveries (rowid, id, organization_id, environment, webhook_id,
+                     event_seq, status, next_attempt_at, created_at, updated_at)
+                     VALUES (42, 'dlv-a', 'org-a', 'live', 'wh-a', 7, 'pending', 5, 1, 2);
+                 INSERT INTO attempts (delivery_id, attempted_at, response_time_ms)
+                     VALUES ('dlv-a', 3, 4);",
+            )
+            .expect("rows");
+        }
+        let conn = open_writer(&path).expect("migrated");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let row: (i64, String, i64) = conn
+            .query_row(
+                "SELECT rowid, status, next_attempt_at FROM deliveries \
+                 INDEXED BY deliveries_due WHERE next_attempt_at = 5 AND status = 'pending'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("the delivery, through its due index");
+        assert_eq!(row, (42, "pending".to_owned(), 5));
+        // The same rules: an unknown status and a dangling reference are refused.
+        assert!(
+            conn.execute(
+                "UPDATE deliveries SET status = 'lost' WHERE id = 'dlv-a'",
+                []
+            )
+            .is_err()
+        );
+        assert!(
+            conn.execute(
+                "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms) \
+                 VALUES ('dlv-none', 0, 0)",
+                [],
+            )
+            .is_err()
+        );
+        conn.execute(
+            "UPDATE deliveries SET status = 'held' WHERE id = 'dlv-a'",
+            [],
+        )
+        .expect("a known status");
+        // And no temporary b-tree per row for the check any more.
+        let mut explain = conn
+            .prepare("EXPLAIN UPDATE deliveries SET status = ?1 WHERE id = ?2")
+            .expect("explain");
+        let opcodes: Vec<String> = explain
+            .query_map(["held", "dlv-a"], |r| r.get(1))
+            .expect("opcodes")
+            .collect::<Result<_, _>>()
+            .expect("opcodes");
+        assert!(
+            !opcodes.iter().any(|op| op == "OpenEphemeral"),
+            "{opcodes:?}"
+        );
+    }
+
+    #[test]
+    fn a_migration_leaving_a_dangling_foreign_key_is_rolled_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = open(&dir.path().join("t.db"), false).expect("open");
+        apply(&conn, MIGRATIONS[0], 1).expect("version 1");
+        let bad = "INSERT INTO api_keys (id, organization_id, environment, key_hash, created_at) \
+                   VALUES ('key-a', 'org-none', 'live', x'01', 0)";
+        conn.execute_batch("PRAGMA foreign_keys = OFF")
+            .expect("off");
+        let error = apply(&conn, bad, 2).expect_err("dangling");
+        let _ = conn.execute_batch("ROLLBACK");
+        assert!(error.to_string().contains("dangling"), "{error}");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 1);
     }
 
     #[tokio::test]
