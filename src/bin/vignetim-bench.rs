@@ -720,7 +720,7 @@ async fn ceiling(
 /// healthy 90 % keep? The two halves run in the order alone, with, with, alone, each on a
 /// fresh service, so that the shared host's speed drifting during the scenario weighs on
 /// both alike (with one pair, the half run second read 0.75–1.2 of the first in the same
-/// build: BENCHMARKS.md, step 21).
+/// build: BENCHMARKS.md, "hang10's method").
 async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String, f64>, u64)> {
     let receiver = &ctx.receiver;
     let healthy = WEBHOOKS - 1;
