@@ -153,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut peak_rss_kib = 0u64;
     for scenario in &scenarios {
         let mut runs: Vec<BTreeMap<String, f64>> = Vec::new();
+        let mut scenario_rss_kib = 0u64;
         for _ in 0..plan.repeat {
             let (figures, rss) = match *scenario {
                 "api" => scenario_api(&ctx, &plan).await?,
@@ -162,6 +163,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 other => bail!("unknown scenario {other:?}"),
             };
             peak_rss_kib = peak_rss_kib.max(rss);
+            scenario_rss_kib = scenario_rss_kib.max(rss);
             runs.push(figures);
         }
         let mut line = serde_json::Map::new();
@@ -172,6 +174,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut values: Vec<f64> = runs.iter().filter_map(|r| r.get(key).copied()).collect();
             line.insert(key.clone(), json!(round3(median(&mut values))));
         }
+        // The service's peak over this scenario's repetitions (the memory line: the run's).
+        line.insert(
+            "peak_rss_mib".into(),
+            json!(round3(scenario_rss_kib as f64 / 1024.0)),
+        );
         print_table_row(&line);
         println!("RESULT {}", Value::Object(line.clone()));
         results.push(Value::Object(line));
@@ -505,6 +512,11 @@ async fn publish_all(
     Ok(())
 }
 
+/// Service CPU seconds per 1,000 units of work.
+fn per_1000(cpu_s: f64, units: usize) -> f64 {
+    cpu_s / units.max(1) as f64 * 1000.0
+}
+
 async fn wait_until(
     deadline: Duration,
     mut check: impl AsyncFnMut() -> bool,
@@ -526,6 +538,7 @@ async fn scenario_api(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let service = Arc::new(Service::start(ctx, &[]).await?);
     let (_, key) = service.tenant(&ctx.receiver, 0, WEBHOOKS).await?;
     let svc = Arc::clone(&service);
+    let cpu_before = service.cpu_seconds();
     let started = Instant::now();
     let mut latencies = closed_loop(32, Duration::from_secs(plan.api_secs), move |_| {
         let (svc, key) = (Arc::clone(&svc), key.clone());
@@ -545,9 +558,14 @@ async fn scenario_api(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     })
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = service.cpu_seconds() - cpu_before;
     latencies.sort_by(|a, b| a.total_cmp(b));
     let mut figures = BTreeMap::new();
     figures.insert("requests_per_s".into(), latencies.len() as f64 / elapsed);
+    figures.insert(
+        "cpu_s_per_1000_requests".into(),
+        per_1000(cpu, latencies.len()),
+    );
     figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
     figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
     Ok((figures, service.peak_rss_kib()))
@@ -561,6 +579,7 @@ async fn scenario_publish(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<St
         let service = Arc::new(Service::start(ctx, &[]).await?);
         let (org, _) = service.tenant(&ctx.receiver, 0, hooks).await?;
         let svc = Arc::clone(&service);
+        let cpu_before = service.cpu_seconds();
         let started = Instant::now();
         let latencies = closed_loop(32, Duration::from_secs(plan.publish_secs), move |n| {
             let (svc, org) = (Arc::clone(&svc), org.clone());
@@ -568,12 +587,13 @@ async fn scenario_publish(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<St
         })
         .await?;
         let per_s = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        let cpu = service.cpu_seconds() - cpu_before;
+        let suffix = format!("{hooks}_webhook{}", if hooks == 1 { "" } else { "s" });
+        figures.insert(format!("events_per_s_{suffix}"), per_s);
+        // Per event accepted; the engine's deliveries meanwhile are in it too.
         figures.insert(
-            format!(
-                "events_per_s_{hooks}_webhook{}",
-                if hooks == 1 { "" } else { "s" }
-            ),
-            per_s,
+            format!("cpu_s_per_1000_events_{suffix}"),
+            per_1000(cpu, latencies.len()),
         );
         rss = rss.max(service.peak_rss_kib());
     }
@@ -653,7 +673,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
     figures.insert("p95_ms".into(), percentile(&latencies, 95.0));
     figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
-    figures.insert("cpu_s_per_1000".into(), cpu / expected as f64 * 1000.0);
+    figures.insert("cpu_s_per_1000".into(), per_1000(cpu, expected as usize));
     Ok((figures, service.peak_rss_kib()))
 }
 
@@ -726,6 +746,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
     let healthy = WEBHOOKS - 1;
     let expected = (plan.hang_events * healthy) as u64;
     let (mut alone, mut with) = (0.0, 0.0);
+    let (mut cpu_alone, mut cpu_with) = (0.0, 0.0);
     let mut rss = 0;
     for with_hanging in [false, true, true, false] {
         let service = Arc::new(Service::start(ctx, &[]).await?);
@@ -736,6 +757,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
             service.add_webhook(&key, receiver, 100).await?;
         }
         receiver.reset();
+        let cpu_before = service.cpu_seconds();
         let started = Instant::now();
         publish_all(&service, &org, plan.hang_events, 16).await?;
         wait_until(Duration::from_secs(300), async || {
@@ -743,7 +765,15 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         })
         .await?;
         let rate = expected as f64 / started.elapsed().as_secs_f64() / 2.0;
-        *(if with_hanging { &mut with } else { &mut alone }) += rate;
+        // Per healthy delivery; the hanging webhook's share of the work is in it.
+        let cpu = per_1000(service.cpu_seconds() - cpu_before, expected as usize) / 2.0;
+        if with_hanging {
+            with += rate;
+            cpu_with += cpu;
+        } else {
+            alone += rate;
+            cpu_alone += cpu;
+        }
         rss = rss.max(service.peak_rss_kib());
         receiver.set_hanging(100, false);
     }
@@ -751,6 +781,8 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
     figures.insert("healthy_per_s_alone".into(), alone);
     figures.insert("healthy_per_s_with_hanging".into(), with);
     figures.insert("healthy_ratio".into(), with / alone);
+    figures.insert("cpu_s_per_1000_alone".into(), cpu_alone);
+    figures.insert("cpu_s_per_1000_with_hanging".into(), cpu_with);
     Ok((figures, rss))
 }
 
