@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ratelimit::RateLimiter;
-use crate::api::{self, ApiSettings, AppState};
+use crate::api::{self, ApiSettings, AppState, Shared};
 use crate::config::{Config, StoreArgs};
 use crate::delivery::GuardedClient;
 use crate::delivery::client::ClientSettings;
@@ -161,7 +161,7 @@ impl Application {
             secrets: Default::default(),
             handoff: handoff.clone(),
         };
-        let state = AppState {
+        let state = AppState::new(Shared {
             store,
             client,
             encryption_key,
@@ -179,7 +179,7 @@ impl Application {
             metrics,
             wakeup,
             handoff,
-        };
+        });
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.listen))?;

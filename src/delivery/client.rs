@@ -23,7 +23,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Uri};
+use http::header::{self, HeaderName, HeaderValue, InvalidHeaderValue};
+use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -255,6 +256,9 @@ pub struct ClientBuildError(String);
 const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")));
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 impl GuardedClient {
     pub fn new(settings: ClientSettings) -> Result<Self, ClientBuildError> {
@@ -391,7 +395,7 @@ impl GuardedClient {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
-            .get(http::header::RETRY_AFTER)
+            .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         let mut incoming = response.into_body();
@@ -430,15 +434,27 @@ impl GuardedClient {
     }
 }
 
-/// The POST with the Standard Webhooks headers over the stored bytes.
-fn signed_request(uri: Uri, dispatch: Dispatch<'_>) -> Result<Request<Full<Bytes>>, http::Error> {
-    Request::post(uri)
-        .header(http::header::USER_AGENT, USER_AGENT)
-        .header(http::header::CONTENT_TYPE, JSON)
-        .header("webhook-id", dispatch.msg_id)
-        .header("webhook-timestamp", dispatch.timestamp)
-        .header("webhook-signature", dispatch.signature)
-        .body(Full::new(dispatch.body))
+/// The POST with the Standard Webhooks headers over the stored bytes. Built in place
+/// rather than through `http`'s builder, which moves the request at every header and parses
+/// each name again (1.7 % of the service at the benchmark's peak, with the header names).
+fn signed_request(
+    uri: Uri,
+    dispatch: Dispatch<'_>,
+) -> Result<Request<Full<Bytes>>, InvalidHeaderValue> {
+    let mut request = Request::new(Full::new(dispatch.body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(5);
+    headers.insert(header::USER_AGENT, USER_AGENT);
+    headers.insert(header::CONTENT_TYPE, JSON);
+    headers.insert(WEBHOOK_ID, HeaderValue::from_str(dispatch.msg_id)?);
+    headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(dispatch.timestamp));
+    headers.insert(
+        WEBHOOK_SIGNATURE,
+        HeaderValue::try_from(dispatch.signature)?,
+    );
+    Ok(request)
 }
 
 /// Maps a transport error to its failure class by walking the cause chain. The texts
