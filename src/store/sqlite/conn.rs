@@ -397,8 +397,8 @@ fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mp
             };
             // A second pass at once copies what was written during the first, so the
             // writer's catch-up has only the last few milliseconds' frames to copy and
-            // sync (it held every write for 9.5–10.7 ms, median, with one pass; 4–5 ms
-            // with two: BENCHMARKS.md, step 25).
+            // sync (it held every write for about 10 ms, median, with one pass, and about
+            // 5 ms with two: BENCHMARKS.md, step 25).
             let result = match pass() {
                 Ok((frames, _)) if frames > 0 => pass(),
                 other => other,
