@@ -311,6 +311,44 @@ pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     (status, value)
 }
 
+/// An HTTPS endpoint that answers every connection with `answer`, byte for byte, whatever
+/// it was sent (HTTP/1.1 by ALPN), then closes: for answers no HTTP server would give.
+pub async fn raw_receiver(answer: Vec<u8>) -> u16 {
+    install_crypto();
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let certs = vec![CertificateDer::from_pem_slice(pki.leaf_cert_pem.as_bytes()).expect("cert")];
+    let key = PrivateKeyDer::from_pem_slice(pki.leaf_key_pem.as_bytes()).expect("key");
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("tls config");
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), Arc::clone(&answer));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = [0u8; 16 * 1024];
+                let _ = tls.read(&mut request).await;
+                let _ = tls.write_all(&answer).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
 /// How a receiver answers.
 #[derive(Debug, Clone)]
 pub enum Respond {

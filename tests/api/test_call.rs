@@ -292,6 +292,43 @@ async fn transport_failures_have_clear_messages_and_null_status() {
 }
 
 #[tokio::test]
+async fn answers_that_are_not_http_or_too_large_fail_cleanly() {
+    let app = TestApp::spawn().await;
+    let customer = app.customer().await;
+    let mut huge_head = b"HTTP/1.1 200 OK\r\nx-padding: ".to_vec();
+    huge_head.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+    huge_head.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+    for answer in [
+        b"this is not HTTP at all\r\n\r\n".to_vec(),
+        b"HTTP/1.1 2OO OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        // A header of 1 MiB: the client stops reading it and gives up.
+        huge_head,
+    ] {
+        let port = raw_receiver(answer).await;
+        let id = customer
+            .create_webhook_id(&format!("https://127.0.0.1:{port}/x"))
+            .await;
+        let started = Instant::now();
+        let result = customer.test_webhook(&id).await;
+        assert_eq!(result["success"], false, "{result}");
+        assert_eq!(result["statusCode"], Value::Null, "{result}");
+        assert_eq!(
+            result["message"], "Could not connect to the webhook endpoint",
+            "{result}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // Each attempt is in the log, as a failure without a status or a body.
+    let rows: Vec<(Option<i64>, Option<String>, Option<i64>)> = db_rows(
+        &app.data_dir,
+        "SELECT status_code, failure, length(response_body) FROM attempts ORDER BY id",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    );
+    assert_eq!(rows, vec![(None, Some("connect".to_owned()), None); 3]);
+}
+
+#[tokio::test]
 async fn a_name_that_turns_private_after_creation_is_refused_at_connection_time() {
     // Loopback allowed (the receiver lives there); 10/8 and the rest are not.
     let app = TestApp::spawn().await;
