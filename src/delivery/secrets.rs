@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::test_call::open_secrets;
+use super::test_call::{OpenSecrets, open_secrets};
 use crate::domain::ids::WebhookId;
 use crate::domain::sealing::EncryptionKey;
 use crate::domain::signing::SigningSecret;
@@ -26,26 +26,13 @@ pub struct SecretCache {
 
 struct Opened {
     sealed: SealedSecrets,
-    current: SigningSecret,
-    /// The previous secret, if it was still signing when opened.
-    previous: Option<SigningSecret>,
+    /// The previous secret only if it was still signing when opened.
+    secrets: OpenSecrets,
 }
 
 impl Opened {
     fn opened_from(&self, sealed: &SealedSecrets) -> bool {
         self.sealed.current == sealed.current && self.sealed.previous == sealed.previous
-    }
-
-    /// The secrets that sign at `now`, the previous one first (as [`open_secrets`]).
-    fn signing_at(&self, now: EpochMillis) -> Vec<SigningSecret> {
-        let mut secrets = Vec::with_capacity(2);
-        if let (Some(previous), Some((_, expires_at))) = (&self.previous, &self.sealed.previous)
-            && *expires_at > now
-        {
-            secrets.push(previous.clone());
-        }
-        secrets.push(self.current.clone());
-        secrets
     }
 }
 
@@ -62,24 +49,21 @@ impl SecretCache {
             && let Some(opened) = open.get(&webhook)
             && opened.opened_from(sealed)
         {
-            return Ok(opened.signing_at(now));
+            return Ok(opened.secrets.signing_at(now));
         }
-        let mut secrets = open_secrets(key, &webhook.to_string(), sealed, now)?;
-        let current = secrets.pop();
-        let (Some(current), previous) = (current, secrets.pop()) else {
-            unreachable!("open_secrets returns the current secret last");
-        };
-        let opened = Opened {
-            sealed: sealed.clone(),
-            current,
-            previous,
-        };
-        let signing = opened.signing_at(now);
+        let secrets = open_secrets(key, &webhook.to_string(), sealed, now)?;
+        let signing = secrets.signing_at(now);
         if let Ok(mut open) = self.open.lock() {
             if open.len() >= MAX_WEBHOOKS {
                 open.clear();
             }
-            open.insert(webhook, opened);
+            open.insert(
+                webhook,
+                Opened {
+                    sealed: sealed.clone(),
+                    secrets,
+                },
+            );
         }
         Ok(signing)
     }

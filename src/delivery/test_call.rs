@@ -28,14 +28,35 @@ pub struct TestResult {
     pub message: String,
 }
 
-/// Opens the secrets that sign a webhook's deliveries at `now`: the current one, and the
-/// previous one while its rotation overlap lasts. The previous one signs first.
+/// A webhook's signing secrets, opened: the current one, and the previous one with the end
+/// of its rotation overlap.
+pub struct OpenSecrets {
+    current: SigningSecret,
+    previous: Option<(SigningSecret, EpochMillis)>,
+}
+
+impl OpenSecrets {
+    /// The secrets that sign at `now`: the current one, and the previous one while its
+    /// rotation overlap lasts. The previous one signs first.
+    pub fn signing_at(&self, now: EpochMillis) -> Vec<SigningSecret> {
+        let mut secrets = Vec::with_capacity(2);
+        if let Some((previous, expires_at)) = &self.previous
+            && *expires_at > now
+        {
+            secrets.push(previous.clone());
+        }
+        secrets.push(self.current.clone());
+        secrets
+    }
+}
+
+/// Opens a webhook's sealed secrets; the previous one only if it still signs at `now`.
 pub fn open_secrets(
     key: &EncryptionKey,
     webhook_id: &str,
     sealed: &SealedSecrets,
     now: EpochMillis,
-) -> Result<Vec<SigningSecret>, StoreError> {
+) -> Result<OpenSecrets, StoreError> {
     let open = |bytes: &[u8]| -> Result<SigningSecret, StoreError> {
         let plain = key
             .open(bytes, webhook_id)
@@ -45,14 +66,14 @@ pub fn open_secrets(
             .map_err(|_| StoreError::Corrupt(format!("signing secret length of {webhook_id}")))?;
         Ok(SigningSecret::from_bytes(array))
     };
-    let mut secrets = Vec::with_capacity(2);
-    if let Some((previous, expires_at)) = &sealed.previous
-        && *expires_at > now
-    {
-        secrets.push(open(previous)?);
-    }
-    secrets.push(open(&sealed.current)?);
-    Ok(secrets)
+    let previous = match &sealed.previous {
+        Some((previous, expires_at)) if *expires_at > now => Some((open(previous)?, *expires_at)),
+        _ => None,
+    };
+    Ok(OpenSecrets {
+        current: open(&sealed.current)?,
+        previous,
+    })
 }
 
 #[derive(Serialize)]
@@ -83,7 +104,7 @@ pub async fn run(
     now: EpochMillis,
 ) -> Result<TestResult, StoreError> {
     let webhook_id = webhook.id.to_string();
-    let secrets = open_secrets(key, &webhook_id, sealed, now)?;
+    let secrets = open_secrets(key, &webhook_id, sealed, now)?.signing_at(now);
     let event_id = EventId::new();
     let msg_id = event_id.to_string();
     let payload = serde_json::to_vec(&TestPayload {
@@ -176,9 +197,13 @@ mod tests {
             current: key.seal(new.as_bytes(), "wh-x"),
             previous: Some((key.seal(old.as_bytes(), "wh-x"), 1_000)),
         };
-        let during = open_secrets(&key, "wh-x", &sealed, 999).expect("opens");
+        let during = open_secrets(&key, "wh-x", &sealed, 999)
+            .expect("opens")
+            .signing_at(999);
         assert_eq!(during, vec![old, new.clone()]);
-        let after = open_secrets(&key, "wh-x", &sealed, 1_000).expect("opens");
+        let after = open_secrets(&key, "wh-x", &sealed, 1_000)
+            .expect("opens")
+            .signing_at(1_000);
         assert_eq!(after, vec![new]);
         assert!(open_secrets(&key, "wh-y", &sealed, 0).is_err());
     }
