@@ -286,16 +286,7 @@ impl InFlight {
 
     /// Counts a claimed delivery; returns its webhook's places.
     fn start(&self, webhook: WebhookId) -> Arc<Semaphore> {
-        match self.lanes.lock() {
-            Ok(mut m) => {
-                let lane = m.lane(webhook, self.per_webhook);
-                lane.claimed += 1;
-                Arc::clone(&lane.sending)
-            }
-            // Unreachable in practice (nothing panics while holding the lock); a lane of
-            // its own still respects the cap for this delivery.
-            Err(_) => Arc::new(Semaphore::new(self.per_webhook as usize)),
-        }
+        self.places_counting(webhook, 1)
     }
 
     /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
@@ -353,8 +344,19 @@ impl InFlight {
 
     /// The places of a webhook whose delivery was counted by `take`.
     fn places(&self, webhook: WebhookId) -> Arc<Semaphore> {
+        self.places_counting(webhook, 0)
+    }
+
+    /// The webhook's places, after counting `claimed` more deliveries in its lane.
+    fn places_counting(&self, webhook: WebhookId, claimed: u32) -> Arc<Semaphore> {
         match self.lanes.lock() {
-            Ok(mut m) => Arc::clone(&m.lane(webhook, self.per_webhook).sending),
+            Ok(mut m) => {
+                let lane = m.lane(webhook, self.per_webhook);
+                lane.claimed += claimed;
+                Arc::clone(&lane.sending)
+            }
+            // Unreachable in practice (nothing panics while holding the lock); a lane of
+            // its own still respects the cap for this delivery.
             Err(_) => Arc::new(Semaphore::new(self.per_webhook as usize)),
         }
     }
