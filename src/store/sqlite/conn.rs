@@ -143,31 +143,35 @@ fn migrate(conn: &Connection) -> StoreResult<()> {
         .iter()
         .enumerate()
         .skip(applied)
-        .try_for_each(|(i, sql)| {
-            apply(conn, sql, i + 1).inspect_err(|_| {
-                let _ = conn.execute_batch("ROLLBACK");
-            })
-        });
+        .try_for_each(|(i, sql)| apply(conn, sql, i + 1));
     conn.execute_batch("PRAGMA foreign_keys = ON")?;
     migrated
 }
 
-/// One migration, as schema version `version`.
+/// One migration, as schema version `version`, in a transaction of its own: committed
+/// whole, or rolled back.
 fn apply(conn: &Connection, sql: &str, version: usize) -> StoreResult<()> {
-    // `user_version` cannot be bound; it is our own number.
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version};"
-    ))?;
-    let broken: i64 = conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
-        r.get(0)
-    })?;
-    if broken > 0 {
-        return Err(StoreError::Corrupt(format!(
-            "migration {version} would leave {broken} rows with a dangling foreign key"
-        )));
+    let applied = (|| {
+        // `user_version` cannot be bound; it is our own number.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version};"
+        ))?;
+        let broken: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })?;
+        if broken > 0 {
+            return Err(StoreError::Corrupt(format!(
+                "migration {version} would leave {broken} rows with a dangling foreign key"
+            )));
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })();
+    if applied.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
-    conn.execute_batch("COMMIT")?;
-    Ok(())
+    applied
 }
 
 /// The writing connection's thread, and the checkpointer's. See the module docs.
@@ -525,7 +529,6 @@ mod tests {
         conn.execute_batch("PRAGMA foreign_keys = OFF")
             .expect("off");
         let error = apply(&conn, bad, 2).expect_err("dangling");
-        let _ = conn.execute_batch("ROLLBACK");
         assert!(error.to_string().contains("dangling"), "{error}");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
