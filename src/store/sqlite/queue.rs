@@ -232,7 +232,8 @@ pub(super) fn claim(
         }
     }
     drop(rows);
-    // Then what the attempts need, for the picked rows of active webhooks.
+    // Then what the attempts need, for the picked rows (of active webhooks: the same
+    // transaction's candidates).
     let mut detail = conn.prepare_cached(
         "SELECT d.id, d.organization_id, d.environment, d.attempt_count, d.event_seq, \
            e.id AS event_id, e.created_at AS event_created_at, \
@@ -240,7 +241,7 @@ pub(super) fn claim(
          FROM deliveries d \
          JOIN events e ON e.seq = d.event_seq \
          JOIN webhooks w ON w.id = d.webhook_id \
-         WHERE d.rowid = ?1 AND w.active = 1 AND w.deleted_at IS NULL",
+         WHERE d.rowid = ?1",
     )?;
     // An event's payload is read once per claim and shared by its deliveries.
     let mut payload = conn.prepare_cached("SELECT payload FROM events WHERE seq = ?")?;
