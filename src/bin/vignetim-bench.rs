@@ -705,6 +705,7 @@ async fn ceiling(
     let client: Client<_, Full<Bytes>> =
         Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
     let body = Bytes::from(vec![b'x'; 400]);
+    let timestamp = now_micros() / 1_000_000;
     receiver.reset();
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -722,7 +723,17 @@ async fn ceiling(
                     "https://127.0.0.1:{port}/h/{}",
                     n % WEBHOOKS as u64
                 ))
+                // The service's header set, values of the same shapes and lengths:
+                // one message id per 10 requests (an event's fan-out), a signature
+                // unique to each request. Nothing is computed for them.
+                .header(
+                    "user-agent",
+                    concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")),
+                )
                 .header("content-type", "application/json")
+                .header("webhook-id", format!("evt-{:036}", n / WEBHOOKS as u64))
+                .header("webhook-timestamp", timestamp)
+                .header("webhook-signature", format!("v1,{n:044}"))
                 .body(Full::new(body.clone()))?;
                 let response = client.request(request).await?;
                 let _ = response.into_body().collect().await?;
