@@ -137,7 +137,8 @@ struct Finished {
 /// flight to an endpoint is unchanged.
 ///
 /// Deliveries taken at publish ([`Handoff`]) may queue deeper, up to what the webhook
-/// answered in the last second (so about a second's wait), while its attempts succeed.
+/// answers in a second at its present pace (so about a second's wait), while its
+/// attempts succeed.
 /// A webhook whose fresh deliveries went to the database instead ("spilled": its lane
 /// was full) takes none at publish until the claims have taken as many fresh deliveries
 /// of it back: newer events never overtake older ones waiting in the database.
@@ -165,7 +166,7 @@ impl Lanes {
     fn lane(&mut self, webhook: WebhookId, per_webhook: u32) -> &mut Lane {
         self.lanes
             .entry(webhook)
-            .or_insert_with(|| Lane::new(per_webhook))
+            .or_insert_with(|| Lane::new(per_webhook, Instant::now()))
     }
 }
 
@@ -188,18 +189,22 @@ struct Recent {
     failed: bool,
 }
 
+/// How long a second must have run before what finished in it is taken as the pace of
+/// the whole second.
+const PACE_AFTER: Duration = Duration::from_millis(10);
+
 impl Recent {
-    fn new() -> Self {
+    fn new(at: Instant) -> Self {
         Recent {
-            since: Instant::now(),
+            since: at,
             now: 0,
             before: 0,
             failed: false,
         }
     }
 
-    fn roll(&mut self) {
-        let elapsed = self.since.elapsed();
+    fn roll(&mut self, at: Instant) {
+        let elapsed = at.saturating_duration_since(self.since);
         if elapsed >= Duration::from_secs(1) {
             self.before = if elapsed >= Duration::from_secs(2) {
                 0
@@ -208,25 +213,36 @@ impl Recent {
             };
             self.now = 0;
             self.failed = false;
-            self.since = Instant::now();
+            self.since = at;
         }
     }
 
-    fn count(&mut self, succeeded: bool) {
-        self.roll();
+    fn count(&mut self, succeeded: bool, at: Instant) {
+        self.roll(at);
         self.now += 1;
         self.failed |= !succeeded;
     }
 
     /// Deliveries the webhook takes in about a second; none while its attempts fail (its
     /// retries then wait in the database, and fresh deliveries must not overtake them).
-    fn per_second(&mut self) -> u32 {
-        self.roll();
+    /// Within the current second, what finished so far is scaled to the whole second
+    /// once `PACE_AFTER` has passed: a lane that starts with a burst learns its pace in
+    /// milliseconds, rather than filling its first second's small queue and sending
+    /// the rest of the burst through the database (a fifth of the benchmark's peak
+    /// took that path: BENCHMARKS.md, step 26).
+    fn per_second(&mut self, at: Instant) -> u32 {
+        self.roll(at);
         if self.failed {
-            0
-        } else {
-            self.now.max(self.before)
+            return 0;
         }
+        let elapsed = at.saturating_duration_since(self.since);
+        let pace = if elapsed >= PACE_AFTER {
+            let scaled = u128::from(self.now) * 1_000 / elapsed.as_millis().max(1);
+            u32::try_from(scaled).unwrap_or(u32::MAX)
+        } else {
+            self.now
+        };
+        pace.max(self.before)
     }
 }
 
@@ -263,6 +279,7 @@ impl InFlight {
     }
 
     fn room(&self) -> ClaimRoom {
+        let at = Instant::now();
         ClaimRoom {
             per_webhook: self.per_webhook.saturating_mul(PREFETCH),
             left: self
@@ -271,7 +288,7 @@ impl InFlight {
                 .map(|mut m| {
                     m.lanes
                         .iter_mut()
-                        .map(|(w, l)| (*w, l.depth().saturating_sub(l.claimed)))
+                        .map(|(w, l)| (*w, l.depth(at).saturating_sub(l.claimed)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -279,9 +296,10 @@ impl InFlight {
     }
 
     fn any_full(&self) -> bool {
+        let at = Instant::now();
         self.lanes
             .lock()
-            .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth()))
+            .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth(at)))
     }
 
     /// Counts a claimed delivery; returns its webhook's places.
@@ -292,6 +310,7 @@ impl InFlight {
     /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
     /// spilled; otherwise counts it as spilled.
     fn take(&self, webhook: WebhookId) -> Take {
+        let at = Instant::now();
         let Ok(mut m) = self.lanes.lock() else {
             return Take::Behind;
         };
@@ -301,7 +320,7 @@ impl InFlight {
         let room = m
             .lanes
             .get_mut(&webhook)
-            .is_none_or(|lane| lane.claimed < lane.depth());
+            .is_none_or(|lane| lane.claimed < lane.depth(at));
         let refused = match (behind, room) {
             (false, true) => {
                 m.lane(webhook, self.per_webhook).claimed += 1;
@@ -365,6 +384,7 @@ impl InFlight {
     /// go (the webhook was full for claims, or the last claim was partial). `attempted`
     /// is `Some(succeeded)` when the delivery was sent.
     fn finish(&self, webhook: WebhookId, attempted: Option<bool>) {
+        let at = Instant::now();
         let was_full = match self.lanes.lock() {
             Ok(mut m) => {
                 let m = &mut *m;
@@ -372,9 +392,9 @@ impl InFlight {
                 match m.lanes.get_mut(&webhook) {
                     Some(lane) => {
                         if let Some(succeeded) = attempted {
-                            lane.done.count(succeeded);
+                            lane.done.count(succeeded, at);
                         }
-                        let depth = lane.depth();
+                        let depth = lane.depth(at);
                         // The step from full to not full; or room, while fresh deliveries
                         // of this webhook wait in the database.
                         let after = lane.claimed.saturating_sub(1);
@@ -397,12 +417,12 @@ impl InFlight {
 }
 
 impl Lane {
-    fn new(per_webhook: u32) -> Self {
+    fn new(per_webhook: u32, at: Instant) -> Self {
         Lane {
             places: per_webhook,
             claimed: 0,
             sending: Arc::new(Semaphore::new(per_webhook as usize)),
-            done: Recent::new(),
+            done: Recent::new(at),
         }
     }
 
@@ -410,11 +430,11 @@ impl Lane {
     /// (`PREFETCH`), or what it answered in the last second while its attempts succeed
     /// (about a second's wait, well inside what a lease allows), at most `MAX_DEPTH` per
     /// place.
-    fn depth(&mut self) -> u32 {
+    fn depth(&mut self, at: Instant) -> u32 {
         let at_most = self.places.saturating_mul(MAX_DEPTH);
         self.places
             .saturating_mul(PREFETCH)
-            .max(self.done.per_second().min(at_most))
+            .max(self.done.per_second(at).min(at_most))
     }
 }
 
@@ -1025,19 +1045,32 @@ mod tests {
 
     #[test]
     fn a_lane_that_answers_fast_queues_about_a_second_of_work_unless_it_fails() {
-        let mut lane = Lane::new(2);
-        assert_eq!(lane.depth(), 4);
-        for _ in 0..100 {
-            lane.done.count(true);
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut lane = Lane::new(16, start);
+        assert_eq!(lane.depth(at(0)), 32);
+        // Within the first milliseconds, what finished is all it knows.
+        for _ in 0..50 {
+            lane.done.count(true, at(1));
         }
-        assert_eq!(lane.depth(), 100);
+        assert_eq!(lane.depth(at(5)), 50);
+        // After PACE_AFTER, the pace so far is scaled to a second: 50 in 100 ms.
+        assert_eq!(lane.depth(at(100)), 500);
+        for _ in 0..50 {
+            lane.done.count(true, at(500));
+        }
+        // The next second starts from the last one's count; a quiet second after it
+        // leaves twice the places.
+        assert_eq!(lane.depth(at(1_000)), 100);
+        assert_eq!(lane.depth(at(1_001)), 100);
+        assert_eq!(lane.depth(at(2_500)), 32);
         // At most MAX_DEPTH per place.
         for _ in 0..1_000 {
-            lane.done.count(true);
+            lane.done.count(true, at(2_600));
         }
-        assert_eq!(lane.depth(), 2 * MAX_DEPTH);
+        assert_eq!(lane.depth(at(2_600)), 16 * MAX_DEPTH);
         // A failure: its retries wait in the database, so no deep queue of fresh ones.
-        lane.done.count(false);
-        assert_eq!(lane.depth(), 4);
+        lane.done.count(false, at(2_700));
+        assert_eq!(lane.depth(at(2_700)), 32);
     }
 }
