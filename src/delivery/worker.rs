@@ -599,19 +599,31 @@ impl Launcher {
         let webhook = delivery.webhook_id;
         let fresh = delivery.attempts_made == 0;
         self.attempts.spawn(async move {
-            // Usually both places are free: then no timer and no wait (a timer per attempt
-            // was about 1 % of the service at the benchmark's peak).
-            let free = Arc::clone(&places)
-                .try_acquire_owned()
-                .ok()
-                .and_then(|place| {
-                    let slot = Arc::clone(&launcher.sending).try_acquire_owned().ok()?;
-                    Some((place, slot))
-                });
-            let turn = match free {
-                _ if launcher.shutdown.is_cancelled() => None,
-                Some(turn) => Some(turn),
-                None => launcher.wait_for_turn(&delivery, places).await,
+            let turn = async {
+                let place = places.acquire_owned().await?;
+                let slot = launcher.sending.acquire().await?;
+                Ok::<_, tokio::sync::AcquireError>((place, slot))
+            };
+            // At most `queued_at_most`, and never so long that the lease (taken before the
+            // claim or publish committed) could not cover a whole attempt after the wait.
+            let timeout_ms =
+                i64::try_from(launcher.engine.client.timeout().as_millis()).unwrap_or(i64::MAX);
+            let lease_left = delivery
+                .lease_until
+                .saturating_sub(now_millis())
+                .saturating_sub(timeout_ms)
+                .saturating_sub(1_000);
+            let wait = launcher
+                .engine
+                .settings
+                .queued_at_most
+                .min(Duration::from_millis(
+                    u64::try_from(lease_left).unwrap_or(0),
+                ));
+            let turn = tokio::select! {
+                turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
+                // Shutting down: a delivery still waiting is left to the next start.
+                _ = launcher.shutdown.cancelled() => None,
             };
             let finished = match turn {
                 Some(turn) => {
@@ -638,40 +650,6 @@ impl Launcher {
             // The recorder only stops after every attempt has finished.
             let _ = launcher.tx.send(finished).await;
         });
-    }
-
-    /// Waits for one of the webhook's places and a global one: at most `queued_at_most`,
-    /// and never so long that the lease (taken before the claim or publish committed)
-    /// could not cover a whole attempt after the wait. `None`: it would wait too long, or
-    /// the service is shutting down (a delivery still waiting is left to the next start).
-    async fn wait_for_turn(
-        &self,
-        delivery: &ClaimedDelivery,
-        places: Arc<Semaphore>,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let turn = async {
-            let place = places.acquire_owned().await?;
-            let slot = Arc::clone(&self.sending).acquire_owned().await?;
-            Ok::<_, tokio::sync::AcquireError>((place, slot))
-        };
-        let timeout_ms =
-            i64::try_from(self.engine.client.timeout().as_millis()).unwrap_or(i64::MAX);
-        let lease_left = delivery
-            .lease_until
-            .saturating_sub(now_millis())
-            .saturating_sub(timeout_ms)
-            .saturating_sub(1_000);
-        let wait = self
-            .engine
-            .settings
-            .queued_at_most
-            .min(Duration::from_millis(
-                u64::try_from(lease_left).unwrap_or(0),
-            ));
-        tokio::select! {
-            turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
-            _ = self.shutdown.cancelled() => None,
-        }
     }
 }
 
