@@ -427,9 +427,9 @@ impl Lane {
     }
 
     /// Deliveries the webhook may hold, sending or waiting: twice its places
-    /// (`PREFETCH`), or what it answered in the last second while its attempts succeed
-    /// (about a second's wait, well inside what a lease allows), at most `MAX_DEPTH` per
-    /// place.
+    /// (`PREFETCH`), or what it answers in a second at its present pace while its
+    /// attempts succeed (`Recent::per_second`: about a second's wait, well inside what a
+    /// lease allows), at most `MAX_DEPTH` per place.
     fn depth(&mut self, at: Instant) -> u32 {
         let at_most = self.places.saturating_mul(MAX_DEPTH);
         self.places
