@@ -311,26 +311,37 @@ pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     (status, value)
 }
 
-/// An HTTPS endpoint that answers every connection with `answer`, byte for byte, whatever
-/// it was sent (HTTP/1.1 by ALPN), then closes: for answers no HTTP server would give.
-pub async fn raw_receiver(answer: Vec<u8>) -> u16 {
+/// A TLS listener on a free local port with `pki`'s leaf certificate, offering `alpn`.
+async fn tls_endpoint(
+    pki: &TestPki,
+    alpn: &[&[u8]],
+) -> (tokio_rustls::TlsAcceptor, tokio::net::TcpListener, u16) {
     install_crypto();
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = pki();
     let certs = vec![CertificateDer::from_pem_slice(pki.leaf_cert_pem.as_bytes()).expect("cert")];
     let key = PrivateKeyDer::from_pem_slice(pki.leaf_key_pem.as_bytes()).expect("key");
     let mut tls = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("tls config");
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        listener,
+        port,
+    )
+}
+
+/// An HTTPS endpoint that answers every connection with `answer`, byte for byte, whatever
+/// it was sent (HTTP/1.1 by ALPN), then closes: for answers no HTTP server would give.
+pub async fn raw_receiver(answer: Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (acceptor, listener, port) = tls_endpoint(pki(), &[b"http/1.1"]).await;
     let answer = Arc::new(answer);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -394,25 +405,11 @@ impl TestReceiver {
     }
 
     pub async fn start_with(pki: &TestPki, keep_alive: KeepAlive) -> Self {
-        install_crypto();
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs =
-            vec![CertificateDer::from_pem_slice(pki.leaf_cert_pem.as_bytes()).expect("cert")];
-        let key = PrivateKeyDer::from_pem_slice(pki.leaf_key_pem.as_bytes()).expect("key");
-        let mut tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("tls config");
-        tls.alpn_protocols = match keep_alive {
-            KeepAlive::Yes => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            KeepAlive::No => vec![b"http/1.1".to_vec()],
+        let alpn: &[&[u8]] = match keep_alive {
+            KeepAlive::Yes => &[b"h2", b"http/1.1"],
+            KeepAlive::No => &[b"http/1.1"],
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
+        let (acceptor, listener, port) = tls_endpoint(pki, alpn).await;
         let receiver = Self {
             port,
             received: Arc::default(),
