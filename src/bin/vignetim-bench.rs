@@ -728,7 +728,7 @@ async fn ceiling(
                 // unique to each request. Nothing is computed for them.
                 .header(
                     "user-agent",
-                    concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")),
+                    vignetim_webhooks::delivery::client::USER_AGENT,
                 )
                 .header("content-type", "application/json")
                 .header("webhook-id", format!("evt-{:036}", n / WEBHOOKS as u64))

@@ -253,7 +253,8 @@ const MAX_TARGETS: usize = 4096;
 #[error("could not build the HTTP client: {0}")]
 pub struct ClientBuildError(String);
 
-const USER_AGENT: HeaderValue =
+/// The `User-Agent` of every delivery (the benchmark's bare client sends it too).
+pub const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("Vignetim-Webhooks/", env!("CARGO_PKG_VERSION")));
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
