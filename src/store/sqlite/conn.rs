@@ -380,11 +380,12 @@ impl Readers {
 /// Starts the checkpointer thread; it stops when the returned handle is dropped.
 ///
 /// Every half second it copies the WAL into the database with a PASSIVE checkpoint, which
-/// never blocks the writer, and when it found frames, a second one right after it. That alone is not enough under steady load: the WAL can only
-/// start over from its beginning when a write begins with every frame copied, and frames
-/// keep arriving while the checkpoint runs, so the WAL would grow without end (seen: 366 MB
-/// in a minute, and commits stalling for 100 ms as the file grew). So after each pass it
-/// asks the writer to copy the few frames written meanwhile, between two transactions.
+/// never blocks the writer, and when it found frames, a second one right after it. That
+/// alone is not enough under steady load: the WAL can only start over from its beginning
+/// when a write begins with every frame copied, and frames keep arriving while the
+/// checkpoint runs, so the WAL would grow without end (seen: 366 MB in a minute, and
+/// commits stalling for 100 ms as the file grew). So after each pass it asks the writer to
+/// copy the few frames written meanwhile, between two transactions.
 fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mpsc::Sender<()>> {
     let conn = open(path, false)?;
     let (stop, stopped) = mpsc::channel::<()>();
