@@ -526,7 +526,9 @@ async fn wait_until(
         if start.elapsed() > deadline {
             bail!("timed out after {deadline:?}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Fine enough not to add to a peak of about a second: the checks are cheap (the
+        // receiver's counters, or the service's counts read from its indexes).
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(start.elapsed())
 }
@@ -612,12 +614,15 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     // Ceiling: a bare client, same receiver, same request count and concurrency, while
     // the service idles (measured after the peak, it would compete with the service's
     // last checkpoints and look lower).
+    let connections_before = receiver.connections.load(Ordering::Relaxed);
     let ceiling_per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
+    let ceiling_connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
 
     // Peak: publish a burst, time until every delivery is received and recorded.
     receiver.reset();
     let cpu_before = service.cpu_seconds();
     let started = Instant::now();
+    let connections_before = receiver.connections.load(Ordering::Relaxed);
     publish_all(&service, &org, plan.e2e_events, 16).await?;
     let svc = Arc::clone(&service);
     wait_until(Duration::from_secs(300), async || {
@@ -629,6 +634,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     })
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
+    let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
     let cpu = service.cpu_seconds() - cpu_before;
     let deliveries_per_s = expected as f64 / elapsed;
 
@@ -669,6 +675,10 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     figures.insert("deliveries_per_s".into(), deliveries_per_s);
     figures.insert("ceiling_per_s".into(), ceiling_per_s);
     figures.insert("ratio".into(), deliveries_per_s / ceiling_per_s);
+    // TLS connections the receiver accepted: the service's during the peak, the bare
+    // client's during the ceiling (one each: HTTP/2 carries every request).
+    figures.insert("connections".into(), connections as f64);
+    figures.insert("ceiling_connections".into(), ceiling_connections as f64);
     figures.insert("half_load_deliveries_per_s".into(), rate * WEBHOOKS as f64);
     figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
     figures.insert("p95_ms".into(), percentile(&latencies, 95.0));
@@ -706,37 +716,46 @@ async fn ceiling(
         Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
     let body = Bytes::from(vec![b'x'; 400]);
     let timestamp = now_micros() / 1_000_000;
+    let port = receiver.port;
+    // The service's header set, values of the same shapes and lengths: one message id
+    // per 10 requests (an event's fan-out), a signature unique to each request. Nothing
+    // is computed for them.
+    let send = async move |client: &Client<_, Full<Bytes>>, n: u64, body: Bytes| {
+        let request = http::Request::post(format!(
+            "https://127.0.0.1:{port}/h/{}",
+            n % WEBHOOKS as u64
+        ))
+        .header(
+            "user-agent",
+            vignetim_webhooks::delivery::client::USER_AGENT,
+        )
+        .header("content-type", "application/json")
+        .header("webhook-id", format!("evt-{:036}", n / WEBHOOKS as u64))
+        .header("webhook-timestamp", timestamp)
+        .header("webhook-signature", format!("v1,{n:044}"))
+        .body(Full::new(body))?;
+        let response = client.request(request).await?;
+        let _ = response.into_body().collect().await?;
+        anyhow::Ok(())
+    };
     receiver.reset();
-    let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    // One connection first, then the concurrency, as the service connects
+    // (`delivery::endpoints`): with all requests starting at once, each one found no
+    // connection and made its own TLS handshake, up to 160 of them, before HTTP/2 kept
+    // one (BENCHMARKS.md, step 27).
+    send(&client, 0, body.clone()).await?;
+    let next = Arc::new(AtomicU64::new(1));
     let mut handles = Vec::new();
     for _ in 0..concurrency {
         let (client, next, body) = (client.clone(), Arc::clone(&next), body.clone());
-        let port = receiver.port;
         handles.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= requests {
                     break;
                 }
-                let request = http::Request::post(format!(
-                    "https://127.0.0.1:{port}/h/{}",
-                    n % WEBHOOKS as u64
-                ))
-                // The service's header set, values of the same shapes and lengths:
-                // one message id per 10 requests (an event's fan-out), a signature
-                // unique to each request. Nothing is computed for them.
-                .header(
-                    "user-agent",
-                    vignetim_webhooks::delivery::client::USER_AGENT,
-                )
-                .header("content-type", "application/json")
-                .header("webhook-id", format!("evt-{:036}", n / WEBHOOKS as u64))
-                .header("webhook-timestamp", timestamp)
-                .header("webhook-signature", format!("v1,{n:044}"))
-                .body(Full::new(body.clone()))?;
-                let response = client.request(request).await?;
-                let _ = response.into_body().collect().await?;
+                send(&client, n, body.clone()).await?;
             }
             anyhow::Ok(())
         }));
@@ -808,6 +827,8 @@ struct Receiver {
     hanging: Vec<AtomicBool>,
     record_latency: AtomicBool,
     latencies: Mutex<Vec<f64>>,
+    /// TLS connections accepted so far.
+    connections: AtomicU64,
 }
 
 impl Receiver {
@@ -828,6 +849,7 @@ impl Receiver {
             hanging: (0..HOOK_SLOTS).map(|_| AtomicBool::new(false)).collect(),
             record_latency: AtomicBool::new(false),
             latencies: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
         });
         let shared = Arc::clone(&receiver);
         tokio::spawn(async move {
@@ -838,6 +860,7 @@ impl Receiver {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
                     let service = hyper::service::service_fn(move |req| {
                         let shared = Arc::clone(&shared);
                         async move { shared.handle(req).await }

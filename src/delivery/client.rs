@@ -32,6 +32,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 
+use super::endpoints::{Counting, Endpoint, Endpoints};
 use crate::domain::retry::parse_retry_after;
 use crate::domain::url_policy::{AllowList, BlockReason, WebhookUrl, check_ip};
 
@@ -229,7 +230,7 @@ pub struct ClientSettings {
     pub resolver: Arc<dyn Resolver>,
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+type Connector = Counting<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>>;
 
 /// See the module docs.
 #[derive(Clone)]
@@ -238,12 +239,15 @@ pub struct GuardedClient {
     allow: AllowList,
     timeout: Duration,
     targets: Arc<Mutex<HashMap<String, Target>>>,
+    /// Connections open per endpoint: while there are none, one attempt at a time
+    /// connects (see `endpoints`).
+    endpoints: Endpoints,
 }
 
 /// A stored URL as this client judged it: where to send, or why not. The judgement
 /// depends only on the text and the client's allow-list, which never changes, so it is
 /// made once per URL (parsing it on every attempt was 1.7 % of the service).
-type Target = Result<Uri, String>;
+type Target = Result<(Uri, Arc<Endpoint>), String>;
 
 /// URLs whose judgement is kept at most; past it the cache starts afresh.
 const MAX_TARGETS: usize = 4096;
@@ -307,6 +311,11 @@ impl GuardedClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(tcp);
+        let endpoints = Endpoints::default();
+        let connector = Counting {
+            inner: connector,
+            endpoints: endpoints.clone(),
+        };
         // hyper-util's pooled client: keep-alive per endpoint, HTTP/2 when the receiver
         // offers it (ALPN), no redirects, no proxy, no decompression.
         let http = Client::builder(TokioExecutor::new())
@@ -319,6 +328,7 @@ impl GuardedClient {
             allow: settings.allow,
             timeout: settings.timeout,
             targets: Arc::default(),
+            endpoints,
         })
     }
 
@@ -330,14 +340,14 @@ impl GuardedClient {
     /// an error: every way an attempt can go wrong is an [`Outcome`].
     pub async fn send(&self, dispatch: Dispatch<'_>) -> Outcome {
         let started = Instant::now();
-        let uri = match self.target(dispatch.url) {
-            Ok(uri) => uri,
+        let (uri, endpoint) = match self.target(dispatch.url) {
+            Ok(target) => target,
             Err(e) => {
                 return Outcome::failed(FailureClass::BlockedAddress, e, started.elapsed());
             }
         };
         let deadline = tokio::time::Instant::from_std(started) + self.timeout;
-        let mut outcome = self.exchange(uri, dispatch, deadline).await;
+        let mut outcome = self.exchange(uri, &endpoint, dispatch, deadline).await;
         outcome.elapsed = started.elapsed();
         outcome
     }
@@ -354,7 +364,11 @@ impl GuardedClient {
         }
         let target = WebhookUrl::parse(url, &self.allow)
             .map_err(|e| e.to_string())
-            .and_then(|url| Uri::try_from(url.url().as_str()).map_err(|e| e.to_string()));
+            .and_then(|url| Uri::try_from(url.url().as_str()).map_err(|e| e.to_string()))
+            .map(|uri| {
+                let endpoint = self.endpoints.get(&uri);
+                (uri, endpoint)
+            });
         if let Ok(mut targets) = self.targets.lock() {
             if targets.len() >= MAX_TARGETS {
                 targets.clear();
@@ -369,10 +383,22 @@ impl GuardedClient {
     async fn exchange(
         &self,
         uri: Uri,
+        endpoint: &Endpoint,
         dispatch: Dispatch<'_>,
         deadline: tokio::time::Instant,
     ) -> Outcome {
         let started = Instant::now();
+        // Held until the attempt ends, when this attempt is the one connecting.
+        let Ok(_connecting) = tokio::time::timeout_at(deadline, endpoint.turn()).await else {
+            return Outcome::failed(
+                FailureClass::Timeout,
+                format!(
+                    "not sent within {} ms: another attempt was still connecting to the endpoint",
+                    self.timeout.as_millis()
+                ),
+                started.elapsed(),
+            );
+        };
         let request = match signed_request(uri, dispatch) {
             Ok(request) => request,
             Err(e) => {
@@ -393,6 +419,7 @@ impl GuardedClient {
                 );
             }
         };
+        endpoint.answered();
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -531,7 +558,7 @@ mod tests {
         for _ in 0..2 {
             let refused = strict.target(url).expect_err("loopback is not public");
             assert!(refused.contains("127.0.0.1"), "{refused}");
-            let uri = loopback.target(url).expect("allowed");
+            let (uri, _) = loopback.target(url).expect("allowed");
             assert_eq!(uri.to_string(), url);
         }
         assert!(strict.target("http://example.com/").is_err());

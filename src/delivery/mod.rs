@@ -5,6 +5,7 @@
 //! a database transaction across an HTTP call, or send anywhere the URL policy forbids.
 
 pub mod client;
+mod endpoints;
 pub mod secrets;
 pub mod test_call;
 pub mod worker;

@@ -683,6 +683,12 @@ async fn delivery_metrics_are_exported() {
     bad.set(Respond::Status(500, "no"));
     customer.create_webhook_id(&ok.url()).await;
     customer.create_webhook_id(&bad.url()).await;
+    // A paused webhook: its delivery is held. (The counts by status come from three
+    // indexes, succeeded being what the others leave: each status is checked.)
+    let paused = customer.create_webhook_id(&ok.url()).await;
+    customer
+        .put(&format!("/webhooks/{paused}"), json!({"active": false}))
+        .await;
     app.publish(&customer, "order.completed", json!({})).await;
     received(&ok, 1).await;
     received(&bad, 1).await;
@@ -718,6 +724,16 @@ async fn delivery_metrics_are_exported() {
         text.contains(r#"vignetim_deliveries{status="succeeded"} 1"#),
         "{text}"
     );
+    assert!(
+        text.contains(r#"vignetim_deliveries{status="held"} 1"#),
+        "{text}"
+    );
+    for none in ["failed", "cancelled"] {
+        assert!(
+            text.contains(&format!(r#"vignetim_deliveries{{status="{none}"}} 0"#)),
+            "{text}"
+        );
+    }
     assert!(text.contains("vignetim_deliveries_due 0"), "{text}");
     assert!(
         text.contains("vignetim_oldest_due_delivery_age_seconds"),
@@ -855,4 +871,106 @@ async fn sandbox_and_live_event_ids_are_separate() {
     }
     received(&sandbox_receiver, 1).await;
     received(&live_receiver, 1).await;
+}
+
+/// The guarded client on its own, trusting the test CA, allowed to reach loopback.
+fn loopback_client() -> vignetim_webhooks::delivery::GuardedClient {
+    use vignetim_webhooks::delivery::client::ClientSettings;
+    vignetim_webhooks::delivery::GuardedClient::new(ClientSettings {
+        allow: vignetim_webhooks::domain::url_policy::AllowList::parse("127.0.0.0/8")
+            .expect("allow-list"),
+        extra_roots_pem: Some(pki().ca_pem.clone().into_bytes()),
+        timeout: Duration::from_secs(10),
+        resolver: std::sync::Arc::new(vignetim_webhooks::delivery::SystemResolver),
+    })
+    .expect("client")
+}
+
+/// 16 attempts at once to one endpoint, all answered 2xx.
+async fn burst(client: &vignetim_webhooks::delivery::GuardedClient, url: &str) {
+    let sends = (0..16).map(|n| {
+        client.send(vignetim_webhooks::delivery::Dispatch {
+            url,
+            msg_id: "evt-burst",
+            timestamp: 1_700_000_000,
+            signature: format!("v1,{n}"),
+            body: bytes::Bytes::from_static(b"{}"),
+        })
+    });
+    for outcome in futures_util::future::join_all(sends).await {
+        assert!(outcome.succeeded(), "{outcome:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_burst_to_an_endpoint_without_a_connection_opens_one_not_one_per_attempt() {
+    // Over HTTP/2 the attempts share the first attempt's connection. (Without the
+    // one-connection-first rule each of them made its own TLS handshake: HTTP/2 is only
+    // known once a handshake has ended.)
+    let receiver = TestReceiver::start().await;
+    let client = loopback_client();
+    let url = format!("https://127.0.0.1:{}/hook", receiver.port);
+    burst(&client, &url).await;
+    assert_eq!(receiver.received.lock().expect("lock").len(), 16);
+    let opened = receiver.connections();
+    assert_eq!(
+        opened, 1,
+        "TLS connections opened for 16 attempts over HTTP/2"
+    );
+    // Later bursts reuse it.
+    burst(&client, &url).await;
+    let opened = receiver.connections();
+    assert_eq!(
+        opened, 1,
+        "TLS connections opened for 32 attempts over HTTP/2"
+    );
+
+    // Over HTTP/1.1 without keep-alive every attempt needs its own connection: once the
+    // first has connected, the others open theirs at once, and none waits on another.
+    let one_shot = TestReceiver::start_with(pki(), KeepAlive::No).await;
+    let url = format!("https://127.0.0.1:{}/hook", one_shot.port);
+    burst(&client, &url).await;
+    assert_eq!(one_shot.received.lock().expect("lock").len(), 16);
+    let opened = one_shot.connections();
+    assert_eq!(opened, 16, "one connection per attempt without keep-alive");
+}
+
+#[tokio::test]
+async fn an_attempt_hanging_on_the_first_connection_holds_the_others_up_only_briefly() {
+    // The first attempt opens the connection and never gets an answer (another webhook
+    // at the same host might hang so): the others share the connection all the same,
+    // after a short while, instead of waiting for its timeout.
+    let receiver = TestReceiver::start().await;
+    receiver.set(Respond::Hang);
+    let client = loopback_client();
+    let url = format!("https://127.0.0.1:{}/hook", receiver.port);
+    let hanging = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .send(vignetim_webhooks::delivery::Dispatch {
+                    url: &url,
+                    msg_id: "evt-hang",
+                    timestamp: 1_700_000_000,
+                    signature: "v1,hang".to_owned(),
+                    body: bytes::Bytes::from_static(b"{}"),
+                })
+                .await
+        }
+    });
+    eventually(WAIT, || async {
+        (receiver.received.lock().expect("lock").len() == 1).then_some(())
+    })
+    .await;
+    receiver.set(Respond::Status(200, "ok"));
+    let started = Instant::now();
+    burst(&client, &url).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the burst waited {:?} (the client's timeout is 10 s)",
+        started.elapsed()
+    );
+    let opened = receiver.connections();
+    assert_eq!(opened, 1, "the hanging attempt's connection is shared");
+    hanging.abort();
 }

@@ -389,6 +389,8 @@ pub struct TestReceiver {
     pub port: u16,
     pub received: Arc<Mutex<Vec<Received>>>,
     pub respond: Arc<Mutex<Respond>>,
+    /// Connections that completed their TLS handshake.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Whether a receiver keeps connections open between requests.
@@ -414,6 +416,7 @@ impl TestReceiver {
             port,
             received: Arc::default(),
             respond: Arc::new(Mutex::new(Respond::Status(200, "ok"))),
+            connections: Arc::default(),
         };
         let shared = receiver.clone();
         tokio::spawn(async move {
@@ -427,6 +430,9 @@ impl TestReceiver {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    shared
+                        .connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
                         async move { shared.handle(req).await }
@@ -530,6 +536,11 @@ impl TestReceiver {
 
     pub fn requests(&self) -> Vec<Received> {
         self.received.lock().expect("lock").clone()
+    }
+
+    /// Connections opened to it so far (TLS handshakes completed).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set(&self, respond: Respond) {

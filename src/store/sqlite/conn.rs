@@ -37,6 +37,7 @@ const STATEMENT_CACHE: usize = 128;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_deliveries_status_check.sql"),
+    include_str!("../../../migrations/sqlite/0003_deliveries_by_rare_status.sql"),
 ];
 
 /// A job for the writer: it runs (twice if another job of its transaction failed), then

@@ -1,0 +1,241 @@
+//! One connection first: the guarded client's connections counted per endpoint, so that
+//! a burst to an endpoint with none opens one, not one per attempt.
+//!
+//! hyper-util's pool cannot know before the TLS handshake whether an endpoint speaks
+//! HTTP/2 (ALPN says so), so every request that finds no pooled connection starts its
+//! own; once the first handshake reports HTTP/2, the others are thrown away. A burst of
+//! 16 attempts to an idle endpoint cost 16 TCP and TLS handshakes against the customer's
+//! server, and its first deliveries waited for all of them: in the benchmark, 40–150
+//! handshakes and about 100 ms before the first delivery arrived (BENCHMARKS.md, step 27).
+//!
+//! Here the connector counts each endpoint's open connections ([`Tracked`] gives its
+//! count back when hyper drops the connection), and [`Endpoint::turn`] lets one attempt
+//! at a time go until the endpoint has a connection others can use:
+//! - over HTTP/1.1, as soon as it is open (the others cannot share it, and open their
+//!   own at once);
+//! - over HTTP/2, once an answer has come over it (by then hyper-util has pooled it, and
+//!   the others share it), or [`SHARE_AFTER`] after it opened, whichever is first (so an
+//!   attempt that hangs, perhaps on another webhook's path at the same host, holds the
+//!   others up that long at most).
+//!
+//! An attempt that fails to connect lets the next one try.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+/// One endpoint (scheme, host and port: what hyper-util pools connections by).
+#[derive(Debug)]
+pub(super) struct Endpoint {
+    /// Connections open to it.
+    live: AtomicUsize,
+    /// One of them can be used by any attempt (see the module docs); false again when
+    /// none is open.
+    shareable: AtomicBool,
+    /// Held by the one attempt that connects while no connection can be used.
+    gate: Semaphore,
+    /// Signalled when a connection becomes shareable.
+    shared: Notify,
+}
+
+/// How long after an HTTP/2 connection opened the other attempts go without waiting
+/// for its first answer.
+pub(super) const SHARE_AFTER: Duration = Duration::from_millis(50);
+
+impl Endpoint {
+    fn new() -> Self {
+        Endpoint {
+            live: AtomicUsize::new(0),
+            shareable: AtomicBool::new(false),
+            gate: Semaphore::new(1),
+            shared: Notify::new(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.shareable.load(Ordering::Acquire) && self.live.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits until this attempt may go: at once while a shareable connection is open;
+    /// otherwise until it holds the gate (returned: hold it until the attempt ends) or
+    /// until another attempt's connection has become shareable.
+    pub(super) async fn turn(&self) -> Option<SemaphorePermit<'_>> {
+        loop {
+            let shared = self.shared.notified();
+            tokio::pin!(shared);
+            // Registered before the state is read: a connection that becomes shareable
+            // between the two is not missed.
+            shared.as_mut().enable();
+            if self.ready() {
+                return None;
+            }
+            tokio::select! {
+                permit = self.gate.acquire() => {
+                    // The semaphore is never closed; if it were, the attempt goes ungated.
+                    let permit = permit.ok()?;
+                    if self.ready() {
+                        return None;
+                    }
+                    return Some(permit);
+                }
+                () = &mut shared => {}
+            }
+        }
+    }
+
+    /// An answer came over one of its connections: it can be shared.
+    pub(super) fn answered(&self) {
+        if !self.shareable.load(Ordering::Relaxed) {
+            self.share();
+        }
+    }
+
+    fn share(&self) {
+        self.shareable.store(true, Ordering::Release);
+        self.shared.notify_waiters();
+    }
+}
+
+/// Each endpoint's count, shared by the client (which waits on it) and its connector
+/// (which keeps it).
+#[derive(Clone, Default)]
+pub(super) struct Endpoints(Arc<Mutex<HashMap<String, Arc<Endpoint>>>>);
+
+/// Endpoints kept at most; past it, those with nothing open and nobody holding them
+/// are forgotten.
+const MAX_ENDPOINTS: usize = 4096;
+
+impl Endpoints {
+    /// The endpoint `uri` is sent to.
+    pub(super) fn get(&self, uri: &Uri) -> Arc<Endpoint> {
+        let key = match uri.authority() {
+            Some(authority) => format!("{}://{}", uri.scheme_str().unwrap_or(""), authority),
+            None => String::new(),
+        };
+        let Ok(mut map) = self.0.lock() else {
+            // Unreachable in practice (nothing panics while holding the lock); an
+            // endpoint of its own only loses the one-connection-first rule.
+            return Arc::new(Endpoint::new());
+        };
+        if map.len() >= MAX_ENDPOINTS {
+            map.retain(|_, endpoint| Arc::strong_count(endpoint) > 1);
+        }
+        Arc::clone(map.entry(key).or_insert_with(|| Arc::new(Endpoint::new())))
+    }
+}
+
+/// The client's connector, counting the connections it opens per endpoint.
+#[derive(Clone)]
+pub(super) struct Counting<C> {
+    pub(super) inner: C,
+    pub(super) endpoints: Endpoints,
+}
+
+type Connecting<T, E> = Pin<Box<dyn Future<Output = Result<Tracked<T>, E>> + Send>>;
+
+impl<C> tower_service::Service<Uri> for Counting<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Response: Connection + Send + 'static,
+{
+    type Response = Tracked<C::Response>;
+    type Error = C::Error;
+    type Future = Connecting<C::Response, C::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let endpoint = self.endpoints.get(&uri);
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            endpoint.live.fetch_add(1, Ordering::AcqRel);
+            if !io.connected().is_negotiated_h2() {
+                endpoint.share();
+            } else if !endpoint.shareable.load(Ordering::Acquire) {
+                let endpoint = Arc::clone(&endpoint);
+                tokio::spawn(async move {
+                    tokio::time::sleep(SHARE_AFTER).await;
+                    if endpoint.live.load(Ordering::Acquire) > 0 {
+                        endpoint.share();
+                    }
+                });
+            }
+            Ok(Tracked { io, endpoint })
+        })
+    }
+}
+
+/// An open connection, counted in its endpoint until hyper drops it.
+pub(super) struct Tracked<T> {
+    io: T,
+    endpoint: Arc<Endpoint>,
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        if self.endpoint.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The next attempt connects first again.
+            self.endpoint.shareable.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl<T: Connection> Connection for Tracked<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl<T: Read + Unpin> Read for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
