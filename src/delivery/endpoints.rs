@@ -70,6 +70,10 @@ impl Endpoint {
     /// otherwise until it holds the gate (returned: hold it until the attempt ends) or
     /// until another attempt's connection has become shareable.
     pub(super) async fn turn(&self) -> Option<SemaphorePermit<'_>> {
+        // The common case, without touching the notifier's lock.
+        if self.ready() {
+            return None;
+        }
         loop {
             let shared = self.shared.notified();
             tokio::pin!(shared);
