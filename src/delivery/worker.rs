@@ -4,22 +4,23 @@
 //!
 //! Shape: publishes hand the engine the deliveries it has room for, already leased
 //! ([`Handoff`]); one dispatcher task claims the others from the database. Each delivery
-//! gets a task ([`Launcher`]) that waits for one of its webhook's places (its cap of
-//! attempts in flight, so a hanging endpoint holds at most its cap and never the pool) and
-//! one of the global ones, sends, and hands its report to one recorder task, which writes
-//! them in batches. A webhook's place is free again as soon as its response is in, not once
-//! the outcome is recorded: a fast endpoint never waits on the database's commit.
+//! waits in its webhook's lane ([`Launcher`]), where runner tasks, one per place in use
+//! (the webhook's cap of attempts in flight, so a hanging endpoint holds at most its cap
+//! and never the pool), take one of the global places, send, hand the report to one
+//! recorder task, which writes them in batches, and go on to the lane's next delivery. A
+//! webhook's place is free again as soon as its response is in, not once the outcome is
+//! recorded: a fast endpoint never waits on the database's commit.
 //!
 //! Architecture invariant: no database transaction is open while a request is in
 //! flight: a claim or a publish commits before its deliveries are sent, the record starts
 //! after the send.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -130,7 +131,7 @@ struct Finished {
 /// finished attempt should wake the dispatcher.
 ///
 /// A claim takes up to twice a webhook's cap (`PREFETCH`): the deliveries beyond the cap
-/// wait in memory for one of the webhook's places (`Lane::sending`), so when an attempt
+/// wait in memory for one of the webhook's places (`Lane::queue`), so when an attempt
 /// ends the next one starts at once instead of after a round trip to the database (with
 /// one, a place stayed empty for several milliseconds, and 16 places per webhook held the
 /// throughput to a fraction of what the receiver could take). The cap on requests in
@@ -175,10 +176,23 @@ struct Lane {
     places: u32,
     /// Claimed and not finished: sending or waiting for a place.
     claimed: u32,
-    /// The webhook's places: one permit per attempt in flight to it.
-    sending: Arc<Semaphore>,
+    /// Deliveries waiting for a place, oldest first.
+    queue: VecDeque<Queued>,
+    /// Tasks sending the lane's deliveries one after another, one per place in use (at
+    /// most `places`): the cap on attempts in flight to the webhook.
+    runners: u32,
     /// Attempts finished lately, to size the queue taken at publish.
     done: Recent,
+}
+
+/// A delivery waiting in its lane.
+struct Queued {
+    delivery: ClaimedDelivery,
+    /// Its room in the engine's budget, held until it finishes.
+    permit: OwnedSemaphorePermit,
+    /// It must have started by then (its lease must cover a whole attempt), or it is put
+    /// back unsent.
+    start_by: tokio::time::Instant,
 }
 
 /// Attempts finished in the current and the previous second, and whether any failed.
@@ -302,9 +316,11 @@ impl InFlight {
             .is_ok_and(|mut m| m.lanes.values_mut().any(|l| l.claimed >= l.depth(at)))
     }
 
-    /// Counts a claimed delivery; returns its webhook's places.
-    fn start(&self, webhook: WebhookId) -> Arc<Semaphore> {
-        self.places_counting(webhook, 1)
+    /// Counts a claimed delivery in its webhook's lane.
+    fn start(&self, webhook: WebhookId) {
+        if let Ok(mut m) = self.lanes.lock() {
+            m.lane(webhook, self.per_webhook).claimed += 1;
+        }
     }
 
     /// Counts a fresh delivery taken at publish, if its webhook has room and nothing
@@ -361,58 +377,76 @@ impl InFlight {
         }
     }
 
-    /// The places of a webhook whose delivery was counted by `take`.
-    fn places(&self, webhook: WebhookId) -> Arc<Semaphore> {
-        self.places_counting(webhook, 0)
-    }
-
-    /// The webhook's places, after counting `claimed` more deliveries in its lane.
-    fn places_counting(&self, webhook: WebhookId, claimed: u32) -> Arc<Semaphore> {
-        match self.lanes.lock() {
-            Ok(mut m) => {
-                let lane = m.lane(webhook, self.per_webhook);
-                lane.claimed += claimed;
-                Arc::clone(&lane.sending)
-            }
-            // Unreachable in practice (nothing panics while holding the lock); a lane of
-            // its own still respects the cap for this delivery.
-            Err(_) => Arc::new(Semaphore::new(self.per_webhook as usize)),
+    /// Queues a counted delivery in its lane; true when a runner must be started for it
+    /// (the lane has a place no runner holds).
+    fn enqueue(&self, webhook: WebhookId, queued: Queued) -> bool {
+        // Unreachable in practice (nothing panics while holding the lock); dropped, the
+        // delivery stays leased in the database and is claimed when its lease ends.
+        let Ok(mut m) = self.lanes.lock() else {
+            return false;
+        };
+        let lane = m.lane(webhook, self.per_webhook);
+        lane.queue.push_back(queued);
+        if lane.runners < lane.places {
+            lane.runners += 1;
+            return true;
         }
+        false
     }
 
-    /// Frees the delivery's room, and tells the dispatcher if that may let waiting work
-    /// go (the webhook was full for claims, or the last claim was partial). `attempted`
-    /// is `Some(succeeded)` when the delivery was sent.
+    /// A runner's step: counts the delivery it finished (`finished`: `Some(attempted)`,
+    /// as in `finish`), and gives it the lane's next delivery, or retires it.
+    fn next(&self, webhook: WebhookId, finished: Option<Option<bool>>) -> Option<Queued> {
+        self.settle(webhook, finished, true)
+    }
+
+    /// Frees the room of a delivery no runner took (the publish that took it failed).
+    /// `attempted` is `Some(succeeded)` when the delivery was sent.
     fn finish(&self, webhook: WebhookId, attempted: Option<bool>) {
+        self.settle(webhook, Some(attempted), false);
+    }
+
+    /// Frees a finished delivery's room, and tells the dispatcher if that may let waiting
+    /// work go (the webhook was full for claims, or the last claim was partial); for a
+    /// runner, also takes the lane's next delivery or retires the runner.
+    fn settle(
+        &self,
+        webhook: WebhookId,
+        finished: Option<Option<bool>>,
+        runner: bool,
+    ) -> Option<Queued> {
         let at = Instant::now();
-        let was_full = match self.lanes.lock() {
+        let (next, wake) = match self.lanes.lock() {
             Ok(mut m) => {
                 let m = &mut *m;
                 let spilled = m.spilled.get(&webhook).is_some_and(|n| *n > 0);
                 match m.lanes.get_mut(&webhook) {
                     Some(lane) => {
-                        if let Some(succeeded) = attempted {
-                            lane.done.count(succeeded, at);
-                        }
-                        let depth = lane.depth(at);
-                        // The step from full to not full; or room, while fresh deliveries
-                        // of this webhook wait in the database.
-                        let after = lane.claimed.saturating_sub(1);
-                        let was_full = after < depth && (lane.claimed >= depth || spilled);
-                        lane.claimed = after;
-                        if lane.claimed == 0 {
+                        let wake =
+                            finished.is_some_and(|attempted| lane.finish(attempted, spilled, at));
+                        let next = if runner {
+                            let next = lane.queue.pop_front();
+                            if next.is_none() {
+                                lane.runners = lane.runners.saturating_sub(1);
+                            }
+                            next
+                        } else {
+                            None
+                        };
+                        if lane.claimed == 0 && lane.runners == 0 {
                             m.lanes.remove(&webhook);
                         }
-                        was_full
+                        (next, wake)
                     }
-                    None => false,
+                    None => (None, false),
                 }
             }
-            Err(_) => true,
+            Err(_) => (None, true),
         };
-        if was_full || self.partial.load(Ordering::Relaxed) {
+        if wake || self.partial.load(Ordering::Relaxed) {
             self.freed.notify_one();
         }
+        next
     }
 }
 
@@ -421,9 +455,24 @@ impl Lane {
         Lane {
             places: per_webhook,
             claimed: 0,
-            sending: Arc::new(Semaphore::new(per_webhook as usize)),
+            queue: VecDeque::new(),
+            runners: 0,
             done: Recent::new(at),
         }
+    }
+
+    /// Counts a delivery out of the lane (`attempted`: `Some(succeeded)` when it was
+    /// sent). True at the step from full to not full, or when there is room while fresh
+    /// deliveries of this webhook wait in the database (`spilled`).
+    fn finish(&mut self, attempted: Option<bool>, spilled: bool, at: Instant) -> bool {
+        if let Some(succeeded) = attempted {
+            self.done.count(succeeded, at);
+        }
+        let depth = self.depth(at);
+        let after = self.claimed.saturating_sub(1);
+        let was_full = after < depth && (self.claimed >= depth || spilled);
+        self.claimed = after;
+        was_full
     }
 
     /// Deliveries the webhook may hold, sending or waiting: twice its places
@@ -550,9 +599,8 @@ impl Reservation {
             let Some(i) = held.iter().position(|(w, _)| *w == delivery.webhook_id) else {
                 continue;
             };
-            let (webhook, permit) = held.swap_remove(i);
-            let places = self.launcher.in_flight.places(webhook);
-            self.launcher.launch(delivery, places, permit);
+            let (_, permit) = held.swap_remove(i);
+            self.launcher.launch(delivery, permit);
         }
     }
 }
@@ -585,71 +633,98 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// One task per delivery: it waits for one of its webhook's places and a global one,
-    /// sends, and hands the outcome to the recorder; a delivery that waits longer than
-    /// its lease allows is put back unsent.
-    fn launch(
-        self: &Arc<Self>,
-        delivery: ClaimedDelivery,
-        places: Arc<Semaphore>,
-        permit: OwnedSemaphorePermit,
-    ) {
-        // One handle per task rather than a clone of each part.
-        let launcher = Arc::clone(self);
+    /// Queues a delivery in its webhook's lane, and starts a runner for the lane when it
+    /// has a place no runner holds. The runners send the lane's deliveries one after
+    /// another, so a place goes to the next delivery as soon as a response is in, without
+    /// a task, a permit and a timer per delivery (BENCHMARKS.md, step 28).
+    fn launch(self: &Arc<Self>, delivery: ClaimedDelivery, permit: OwnedSemaphorePermit) {
         let webhook = delivery.webhook_id;
-        let fresh = delivery.attempts_made == 0;
-        self.attempts.spawn(async move {
-            let turn = async {
-                let place = places.acquire_owned().await?;
-                let slot = launcher.sending.acquire().await?;
-                Ok::<_, tokio::sync::AcquireError>((place, slot))
+        // At most `queued_at_most`, and never so long that the lease (taken before the
+        // claim or publish committed) could not cover a whole attempt after the wait.
+        let timeout_ms =
+            i64::try_from(self.engine.client.timeout().as_millis()).unwrap_or(i64::MAX);
+        let lease_left = delivery
+            .lease_until
+            .saturating_sub(now_millis())
+            .saturating_sub(timeout_ms)
+            .saturating_sub(1_000);
+        let wait = self
+            .engine
+            .settings
+            .queued_at_most
+            .min(Duration::from_millis(
+                u64::try_from(lease_left).unwrap_or(0),
+            ));
+        let queued = Queued {
+            delivery,
+            permit,
+            start_by: tokio::time::Instant::now() + wait,
+        };
+        if self.in_flight.enqueue(webhook, queued) {
+            let launcher = Arc::clone(self);
+            self.attempts.spawn(launcher.run_lane(webhook));
+        }
+    }
+
+    /// A runner: sends its lane's deliveries one after another until the lane has none
+    /// waiting. A delivery that can no longer start within its wait bound (its webhook
+    /// or the whole engine is slow), or that is still waiting at shutdown, is put back
+    /// unsent.
+    async fn run_lane(self: Arc<Self>, webhook: WebhookId) {
+        let mut done: Option<Finished> = None;
+        loop {
+            let attempted = done
+                .as_ref()
+                .map(|f| f.report.unsent.is_none().then_some(f.report.succeeded));
+            // Its place is free before the outcome is recorded.
+            let next = self.in_flight.next(webhook, attempted);
+            if let Some(finished) = done.take() {
+                // The recorder only stops after every attempt has finished.
+                let _ = self.tx.send(finished).await;
+            }
+            let Some(Queued {
+                delivery,
+                permit,
+                start_by,
+            }) = next
+            else {
+                break;
             };
-            // At most `queued_at_most`, and never so long that the lease (taken before the
-            // claim or publish committed) could not cover a whole attempt after the wait.
-            let timeout_ms =
-                i64::try_from(launcher.engine.client.timeout().as_millis()).unwrap_or(i64::MAX);
-            let lease_left = delivery
-                .lease_until
-                .saturating_sub(now_millis())
-                .saturating_sub(timeout_ms)
-                .saturating_sub(1_000);
-            let wait = launcher
-                .engine
-                .settings
-                .queued_at_most
-                .min(Duration::from_millis(
-                    u64::try_from(lease_left).unwrap_or(0),
-                ));
-            let turn = tokio::select! {
-                turn = tokio::time::timeout(wait, turn) => turn.ok().and_then(Result::ok),
-                // Shutting down: a delivery still waiting is left to the next start.
-                _ = launcher.shutdown.cancelled() => None,
-            };
-            let finished = match turn {
-                Some(turn) => {
-                    let finished = launcher.engine.attempt(delivery).await;
-                    drop(turn);
+            let fresh = delivery.attempts_made == 0;
+            let finished = match self.slot(start_by).await {
+                Some(slot) => {
+                    let finished = self.engine.attempt(delivery).await;
+                    drop(slot);
                     finished
                 }
-                // Its webhook (or the service) is slow: its lease could not cover
-                // an attempt any more. Put it back, unsent.
                 None => {
                     if fresh {
-                        launcher.in_flight.spill(webhook);
+                        self.in_flight.spill(webhook);
                     }
                     Finished::unsent(delivery, Unsent::WaitedTooLong)
                 }
             };
             drop(permit);
-            let attempted = finished
-                .report
-                .unsent
-                .is_none()
-                .then_some(finished.report.succeeded);
-            launcher.in_flight.finish(webhook, attempted);
-            // The recorder only stops after every attempt has finished.
-            let _ = launcher.tx.send(finished).await;
-        });
+            done = Some(finished);
+        }
+    }
+
+    /// One of the engine's places for attempts in flight, unless the delivery's wait
+    /// bound passes first or the service is shutting down (a delivery still waiting is
+    /// left to the next start).
+    async fn slot(&self, start_by: tokio::time::Instant) -> Option<SemaphorePermit<'_>> {
+        if self.shutdown.is_cancelled() || tokio::time::Instant::now() >= start_by {
+            return None;
+        }
+        if let Ok(slot) = self.sending.try_acquire() {
+            return Some(slot);
+        }
+        tokio::select! {
+            slot = tokio::time::timeout_at(start_by, self.sending.acquire()) => {
+                slot.ok().and_then(Result::ok)
+            }
+            _ = self.shutdown.cancelled() => None,
+        }
     }
 }
 
@@ -748,8 +823,8 @@ impl Engine {
                         Err(_) => break,
                     },
                 };
-                let places = in_flight.start(delivery.webhook_id);
-                launcher.launch(delivery, places, permit);
+                in_flight.start(delivery.webhook_id);
+                launcher.launch(delivery, permit);
             }
             drop(first);
             if got == 0 {
