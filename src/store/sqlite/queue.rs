@@ -141,18 +141,28 @@ pub(super) fn publish(
     })
 }
 
+const INSERT_ATTEMPT: &str = "INSERT INTO attempts (delivery_id, attempted_at, \
+     response_time_ms, status_code, failure, response_body) VALUES (?, ?, ?, ?, ?, ?)";
+
 /// Inserts one attempt row.
 pub(super) fn insert_attempt(
     conn: &Connection,
     delivery_id: DeliveryId,
     a: &AttemptRecord,
 ) -> StoreResult<()> {
-    conn.prepare_cached(
-        "INSERT INTO attempts (delivery_id, attempted_at, response_time_ms, status_code, \
-         failure, response_body) VALUES (?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        delivery_id.to_string(),
+    let mut insert = conn.prepare_cached(INSERT_ATTEMPT)?;
+    insert_attempt_with(&mut insert, &delivery_id.to_string(), a)
+}
+
+/// Inserts one attempt row with a statement prepared once for a batch (looking it up in
+/// the statement cache and formatting the id again for each row showed in the profile).
+fn insert_attempt_with(
+    insert: &mut rusqlite::Statement<'_>,
+    delivery_id: &str,
+    a: &AttemptRecord,
+) -> StoreResult<()> {
+    insert.execute(params![
+        delivery_id,
         a.attempted_at,
         a.response_time_ms,
         a.status_code.map(i64::from),
@@ -352,9 +362,10 @@ pub(super) fn record(
         }
     }
     // Every attempt that was sent, stale ones included.
+    let mut insert = conn.prepare_cached(INSERT_ATTEMPT)?;
     for (i, r) in reports.iter().enumerate() {
         if exists[i] && r.unsent.is_none() {
-            insert_attempt(conn, r.delivery_id, &r.attempt)?;
+            insert_attempt_with(&mut insert, &ids[i], &r.attempt)?;
         }
     }
     // Not sent: due again (a minute later for our own faults), counting nothing against
