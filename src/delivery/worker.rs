@@ -617,6 +617,31 @@ impl Drop for Reservation {
     }
 }
 
+/// Keeps a lane right if its runner panics (a bug): the delivery it held counts as
+/// finished unsent (it stays leased in the database, and is claimed again when the lease
+/// ends), and the deliveries waiting behind it get a new runner, instead of waiting in
+/// memory for ever and keeping the webhook's room taken.
+struct RunnerGuard {
+    launcher: Arc<Launcher>,
+    webhook: WebhookId,
+    /// It holds a delivery taken from the lane.
+    holding: bool,
+}
+
+impl Drop for RunnerGuard {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let launcher = &self.launcher;
+        let held = self.holding.then_some(None);
+        if let Some(next) = launcher.in_flight.next(self.webhook, held) {
+            let runner = Arc::clone(launcher).run_lane(self.webhook, Some(next));
+            launcher.attempts.spawn(runner);
+        }
+    }
+}
+
 /// Starts attempts: the dispatcher's claimed deliveries and those taken at publish.
 pub struct Launcher {
     engine: Arc<Engine>,
@@ -662,7 +687,7 @@ impl Launcher {
         };
         if self.in_flight.enqueue(webhook, queued) {
             let launcher = Arc::clone(self);
-            self.attempts.spawn(launcher.run_lane(webhook));
+            self.attempts.spawn(launcher.run_lane(webhook, None));
         }
     }
 
@@ -670,14 +695,19 @@ impl Launcher {
     /// waiting. A delivery that can no longer start within its wait bound (its webhook
     /// or the whole engine is slow), or that is still waiting at shutdown, is put back
     /// unsent.
-    async fn run_lane(self: Arc<Self>, webhook: WebhookId) {
+    async fn run_lane(self: Arc<Self>, webhook: WebhookId, first: Option<Queued>) {
+        let mut guard = RunnerGuard {
+            launcher: Arc::clone(&self),
+            webhook,
+            holding: false,
+        };
+        let mut next = match first {
+            Some(first) => Some(first),
+            None => self.in_flight.next(webhook, None),
+        };
+        guard.holding = next.is_some();
         let mut done: Option<Finished> = None;
         loop {
-            let attempted = done
-                .as_ref()
-                .map(|f| f.report.unsent.is_none().then_some(f.report.succeeded));
-            // Its place is free before the outcome is recorded.
-            let next = self.in_flight.next(webhook, attempted);
             if let Some(finished) = done.take() {
                 // The recorder only stops after every attempt has finished.
                 let _ = self.tx.send(finished).await;
@@ -705,6 +735,14 @@ impl Launcher {
                 }
             };
             drop(permit);
+            let attempted = finished
+                .report
+                .unsent
+                .is_none()
+                .then_some(finished.report.succeeded);
+            // Its place is free before the outcome is recorded.
+            next = self.in_flight.next(webhook, Some(attempted));
+            guard.holding = next.is_some();
             done = Some(finished);
         }
     }
@@ -1094,6 +1132,75 @@ mod tests {
         lanes.spill(third);
         assert_eq!(lanes.take(third), Take::Behind);
         assert!(!lanes.room().left.contains_key(&third));
+    }
+
+    fn queued(webhook: WebhookId, n: u8, budget: &Arc<Semaphore>) -> Queued {
+        use crate::domain::apikey::Environment;
+        use crate::domain::ids::{DeliveryId, OrganizationId};
+        use crate::store::{SealedSecrets, Tenant};
+        Queued {
+            delivery: ClaimedDelivery {
+                delivery_id: DeliveryId::new(),
+                tenant: Tenant {
+                    organization_id: OrganizationId::new(),
+                    environment: Environment::Live,
+                },
+                webhook_id: webhook,
+                url: "https://example.com/".to_owned(),
+                secrets: SealedSecrets {
+                    current: Vec::new(),
+                    previous: None,
+                },
+                event_id: format!("evt-{n}"),
+                event_created_at: 0,
+                payload: bytes::Bytes::new(),
+                attempts_made: 0,
+                lease_until: 0,
+            },
+            permit: Arc::clone(budget)
+                .try_acquire_owned()
+                .expect("a budget permit"),
+            start_by: tokio::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_lane_has_a_runner_per_place_at_most_and_hands_them_its_deliveries_in_order() {
+        let lanes = InFlight::new(2);
+        let webhook = WebhookId::new();
+        let budget = Arc::new(Semaphore::new(16));
+        // Three taken at publish, cap 2: two runners start, the third waits for one.
+        let mut runners = 0;
+        for n in 0..3 {
+            assert_eq!(lanes.take(webhook), Take::Taken);
+            if lanes.enqueue(webhook, queued(webhook, n, &budget)) {
+                runners += 1;
+            }
+        }
+        assert_eq!(runners, 2);
+        let event = |q: Option<Queued>| q.map(|q| q.delivery.event_id);
+        // Oldest first.
+        assert_eq!(event(lanes.next(webhook, None)).as_deref(), Some("evt-0"));
+        assert_eq!(event(lanes.next(webhook, None)).as_deref(), Some("evt-1"));
+        // A runner that finished goes on with the one waiting; the other finds none and
+        // retires; so does the last (a panicking runner's delivery counts as unsent).
+        let third = lanes.next(webhook, Some(Some(true)));
+        assert_eq!(event(third).as_deref(), Some("evt-2"));
+        assert!(lanes.next(webhook, Some(Some(true))).is_none());
+        assert!(
+            lanes.room().left.contains_key(&webhook),
+            "one still counted"
+        );
+        assert!(lanes.next(webhook, Some(None)).is_none());
+        assert!(
+            !lanes.room().left.contains_key(&webhook),
+            "the lane is gone"
+        );
+        // The budget's permits went with the deliveries.
+        assert_eq!(budget.available_permits(), 16);
+        // A new delivery starts a runner again.
+        assert_eq!(lanes.take(webhook), Take::Taken);
+        assert!(lanes.enqueue(webhook, queued(webhook, 3, &budget)));
     }
 
     #[test]
