@@ -257,6 +257,7 @@ pub(super) fn claim(
     let mut payload = conn.prepare_cached("SELECT payload FROM events WHERE seq = ?")?;
     let mut payloads: HashMap<i64, bytes::Bytes> = HashMap::new();
     let mut claimed: Vec<ClaimedDelivery> = Vec::with_capacity(picked.len());
+    let mut leased: Vec<i64> = Vec::with_capacity(picked.len());
     for (rowid, webhook) in &picked {
         let mut rows = detail.query([rowid])?;
         if let Some(row) = rows.next()? {
@@ -271,16 +272,18 @@ pub(super) fn claim(
                 }
             };
             claimed.push(claimed_from_row(row, webhook, body, lease_until)?);
+            leased.push(*rowid);
         }
     }
     // A leased delivery is due again when its lease ends: if its attempt never reports,
     // the next claim takes it then, and until then it is not in the way of the claims
     // (they read the due index from its oldest end).
+    // By rowid, as the candidates were read: no search of the id index per row.
     let mut lease = conn.prepare_cached(
-        "UPDATE deliveries SET lease_until = ?1, next_attempt_at = ?1 WHERE id = ?2",
+        "UPDATE deliveries SET lease_until = ?1, next_attempt_at = ?1 WHERE rowid = ?2",
     )?;
-    for c in &claimed {
-        lease.execute(params![lease_until, c.delivery_id.to_string()])?;
+    for rowid in leased {
+        lease.execute(params![lease_until, rowid])?;
     }
     Ok(claimed)
 }
