@@ -624,18 +624,18 @@ impl Drop for Reservation {
 struct RunnerGuard {
     launcher: Arc<Launcher>,
     webhook: WebhookId,
-    /// It holds a delivery taken from the lane.
+    /// It holds a delivery taken from the lane; or, when false, the lane found none for
+    /// it and no longer counts it among its runners.
     holding: bool,
 }
 
 impl Drop for RunnerGuard {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() || !self.holding {
             return;
         }
         let launcher = &self.launcher;
-        let held = self.holding.then_some(None);
-        if let Some(next) = launcher.in_flight.next(self.webhook, held) {
+        if let Some(next) = launcher.in_flight.next(self.webhook, Some(None)) {
             let runner = Arc::clone(launcher).run_lane(self.webhook, Some(next));
             launcher.attempts.spawn(runner);
         }
@@ -696,6 +696,7 @@ impl Launcher {
     /// or the whole engine is slow), or that is still waiting at shutdown, is put back
     /// unsent.
     async fn run_lane(self: Arc<Self>, webhook: WebhookId, first: Option<Queued>) {
+        // Counted among the lane's runners from here until the lane has nothing for it.
         let mut guard = RunnerGuard {
             launcher: Arc::clone(&self),
             webhook,
