@@ -113,10 +113,17 @@ impl Endpoint {
 /// Each endpoint's count, shared by the client (which waits on it) and its connector
 /// (which keeps it).
 #[derive(Clone, Default)]
-pub(super) struct Endpoints(Arc<Mutex<HashMap<String, Arc<Endpoint>>>>);
+pub(super) struct Endpoints(Arc<Mutex<Known>>);
 
-/// Endpoints kept at most; past it, those with nothing open and nobody holding them
-/// are forgotten.
+#[derive(Default)]
+struct Known {
+    endpoints: HashMap<String, Arc<Endpoint>>,
+    /// The size at which those with nothing open and nobody holding them are forgotten:
+    /// at least `MAX_ENDPOINTS`, and twice what the last sweep kept (so that the sweeps
+    /// cost nothing much however many endpoints are in use).
+    sweep_at: usize,
+}
+
 const MAX_ENDPOINTS: usize = 4096;
 
 impl Endpoints {
@@ -131,10 +138,18 @@ impl Endpoints {
             // endpoint of its own only loses the one-connection-first rule.
             return Arc::new(Endpoint::new());
         };
-        if map.len() >= MAX_ENDPOINTS {
-            map.retain(|_, endpoint| Arc::strong_count(endpoint) > 1);
+        let known = &mut *map;
+        if known.endpoints.len() >= known.sweep_at.max(MAX_ENDPOINTS) {
+            known
+                .endpoints
+                .retain(|_, endpoint| Arc::strong_count(endpoint) > 1);
+            known.sweep_at = known.endpoints.len().saturating_mul(2);
         }
-        Arc::clone(map.entry(key).or_insert_with(|| Arc::new(Endpoint::new())))
+        let endpoint = known
+            .endpoints
+            .entry(key)
+            .or_insert_with(|| Arc::new(Endpoint::new()));
+        Arc::clone(endpoint)
     }
 }
 
@@ -241,5 +256,39 @@ impl<T: Write + Unpin> Write for Tracked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(text: &str) -> Uri {
+        text.parse().expect("a URI")
+    }
+
+    #[test]
+    fn one_endpoint_per_host_and_port_and_those_nobody_holds_are_forgotten() {
+        let endpoints = Endpoints::default();
+        let kept = endpoints.get(&uri("https://kept.example/a"));
+        // Paths do not matter: hyper-util pools by scheme, host and port.
+        assert!(Arc::ptr_eq(
+            &kept,
+            &endpoints.get(&uri("https://kept.example/b"))
+        ));
+        assert!(!Arc::ptr_eq(
+            &kept,
+            &endpoints.get(&uri("https://kept.example:8443/a"))
+        ));
+        for n in 0..MAX_ENDPOINTS {
+            endpoints.get(&uri(&format!("https://h{n}.example/")));
+        }
+        // The sweep at the limit kept only the endpoint still held.
+        let known = endpoints.0.lock().expect("lock").endpoints.len();
+        assert!(known < 8, "{known} endpoints kept");
+        assert!(Arc::ptr_eq(
+            &kept,
+            &endpoints.get(&uri("https://kept.example/"))
+        ));
     }
 }
