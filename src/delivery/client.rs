@@ -170,7 +170,8 @@ pub struct Outcome {
     pub status: Option<u16>,
     /// `None` exactly when the attempt succeeded (a 2xx arrived in time).
     pub failure: Option<FailureClass>,
-    /// For the log and our own logs; never shown to API callers verbatim.
+    /// Why no response came (a transport failure), for our own logs; never shown to API
+    /// callers verbatim. Empty when a response arrived: its status says it.
     pub detail: String,
     /// At most [`MAX_RESPONSE_BODY`] bytes.
     pub body: Vec<u8>,
@@ -454,7 +455,7 @@ impl GuardedClient {
         Outcome {
             status: Some(status),
             failure,
-            detail: format!("HTTP {status}"),
+            detail: String::new(),
             body,
             elapsed: started.elapsed(),
             retry_after,

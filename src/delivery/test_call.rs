@@ -118,8 +118,7 @@ pub async fn run(
     })
     .map_err(|e| StoreError::Corrupt(format!("test payload: {e}")))?;
     let timestamp = now.div_euclid(1000);
-    let secret_refs: Vec<&SigningSecret> = secrets.iter().collect();
-    let signature = signature_header(&secret_refs, &msg_id, timestamp, &payload);
+    let signature = signature_header(&secrets, &msg_id, timestamp, &payload);
     let outcome = client
         .send(Dispatch {
             url: &webhook.url,

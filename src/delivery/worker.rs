@@ -28,7 +28,7 @@ use super::client::{Dispatch, FailureClass, GuardedClient};
 use super::secrets::SecretCache;
 use crate::domain::ids::WebhookId;
 use crate::domain::sealing::EncryptionKey;
-use crate::domain::signing::{SigningSecret, signature_header};
+use crate::domain::signing::signature_header;
 use crate::domain::time::{EpochMillis, now_millis};
 use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
@@ -956,9 +956,9 @@ impl Engine {
                 return Finished::unsent(delivery, Unsent::InternalError);
             }
         };
-        let refs: Vec<&SigningSecret> = secrets.iter().collect();
         let timestamp = started_at.div_euclid(1000);
-        let signature = signature_header(&refs, &delivery.event_id, timestamp, &delivery.payload);
+        let signature =
+            signature_header(&secrets, &delivery.event_id, timestamp, &delivery.payload);
         let outcome = self
             .client
             .send(Dispatch {

@@ -440,7 +440,9 @@ impl Store for SqliteStore {
                     tenant.environment.as_str(),
                     id.to_string()
                 ])?;
-                rows.next()?.map(queue::sealed_from_row).transpose()
+                rows.next()?
+                    .map(|row| queue::sealed_from_row(row, 0))
+                    .transpose()
             })
             .await
     }

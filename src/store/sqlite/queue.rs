@@ -68,6 +68,8 @@ pub(super) fn publish(
         });
     };
 
+    // Read by position (a lookup by name compares the names each time: half a percent of
+    // the service at the benchmark's peak): id 0, events 1, active 2, url 3, secrets 4–6.
     let mut webhooks = conn.prepare_cached(
         "SELECT id, events, active, url, secret, previous_secret, previous_secret_expires_at \
          FROM webhooks WHERE organization_id = ? AND environment = ? AND deleted_at IS NULL",
@@ -83,9 +85,9 @@ pub(super) fn publish(
     let mut handed = Vec::new();
     let mut deliveries = 0u64;
     while let Some(row) = rows.next()? {
-        let id: String = row.get("id")?;
-        let events: String = row.get("events")?;
-        let active: bool = row.get("active")?;
+        let id: String = row.get(0)?;
+        let events: String = row.get(1)?;
+        let active: bool = row.get(2)?;
         let corrupt = || StoreError::Corrupt(format!("webhook {id}"));
         let names: Vec<String> = serde_json::from_str(&events).map_err(|_| corrupt())?;
         if !Subscription::from_stored(names).matches(&event.event_type) {
@@ -123,8 +125,8 @@ pub(super) fn publish(
                 delivery_id,
                 tenant,
                 webhook_id,
-                url: row.get("url")?,
-                secrets: sealed_from_row(row)?,
+                url: row.get(3)?,
+                secrets: sealed_from_row(row, 4)?,
                 event_id: event.id.clone(),
                 event_created_at: event.created_at,
                 payload: event.payload.clone(),
@@ -173,12 +175,12 @@ fn insert_attempt_with(
 }
 
 /// The sealed secrets of a row that has `secret`, `previous_secret` and
-/// `previous_secret_expires_at`.
-pub(super) fn sealed_from_row(row: &Row) -> StoreResult<SealedSecrets> {
-    let previous: Option<Vec<u8>> = row.get("previous_secret")?;
-    let expires: Option<i64> = row.get("previous_secret_expires_at")?;
+/// `previous_secret_expires_at` in this order, the first at `column`.
+pub(super) fn sealed_from_row(row: &Row, column: usize) -> StoreResult<SealedSecrets> {
+    let previous: Option<Vec<u8>> = row.get(column + 1)?;
+    let expires: Option<i64> = row.get(column + 2)?;
     Ok(SealedSecrets {
-        current: row.get("secret")?,
+        current: row.get(column)?,
         previous: previous.zip(expires),
     })
 }
@@ -307,7 +309,8 @@ fn claimed_from_row(
         },
         webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
         url: row.get("url")?,
-        secrets: sealed_from_row(row)?,
+        // `w.secret`, `w.previous_secret`, `w.previous_secret_expires_at`: the last three.
+        secrets: sealed_from_row(row, 8)?,
         event_id: row.get("event_id")?,
         event_created_at: row.get("event_created_at")?,
         payload,
