@@ -1,6 +1,8 @@
 //! Real databases in temporary folders, opened through the VFS; the checks are SQLite's
 //! own (its recovery of a copied WAL, `integrity_check`) and a count of the writes the
-//! default VFS was asked to make.
+//! default VFS was asked to make. The `rules` tests drive the buffering rules directly,
+//! over a fake file that logs what reaches it and can fail a write, which SQLite cannot be
+//! made to do on demand.
 
 use std::cell::Cell;
 use std::path::Path;
@@ -196,4 +198,247 @@ fn files_other_than_the_wal_are_the_default_vfs_own() {
     insert(&conn, 0, 100, 100);
     assert_eq!(writes(), before);
     assert_eq!(count(&conn), 100);
+}
+
+/// The buffering rules alone, against a fake file underneath that logs what reaches it
+/// (and can fail): what SQLite cannot be made to do on demand, such as a failing write.
+mod rules {
+    use std::cell::{Cell, RefCell};
+    use std::ffi::{c_int, c_void};
+
+    use libsqlite3_sys as ffi;
+
+    use crate::{Pending, WAL_METHODS, WalFile, x_read, x_write};
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Call {
+        Write { offset: i64, len: usize },
+        Read { offset: i64 },
+    }
+
+    thread_local! {
+        static CALLS: RefCell<Vec<Call>> = const { RefCell::new(Vec::new()) };
+        static FAIL: Cell<bool> = const { Cell::new(false) };
+    }
+
+    unsafe extern "C" fn fake_write(
+        _: *mut ffi::sqlite3_file,
+        _: *const c_void,
+        amount: c_int,
+        offset: ffi::sqlite3_int64,
+    ) -> c_int {
+        let len = usize::try_from(amount).expect("a length");
+        CALLS.with_borrow_mut(|calls| calls.push(Call::Write { offset, len }));
+        if FAIL.get() {
+            ffi::SQLITE_IOERR_WRITE
+        } else {
+            ffi::SQLITE_OK
+        }
+    }
+
+    unsafe extern "C" fn fake_read(
+        _: *mut ffi::sqlite3_file,
+        _: *mut c_void,
+        _: c_int,
+        offset: ffi::sqlite3_int64,
+    ) -> c_int {
+        CALLS.with_borrow_mut(|calls| calls.push(Call::Read { offset }));
+        ffi::SQLITE_OK
+    }
+
+    static FAKE: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+        iVersion: 1,
+        xClose: None,
+        xRead: Some(fake_read),
+        xWrite: Some(fake_write),
+        xTruncate: None,
+        xSync: None,
+        xFileSize: None,
+        xLock: None,
+        xUnlock: None,
+        xCheckReservedLock: None,
+        xFileControl: None,
+        xSectorSize: None,
+        xDeviceCharacteristics: None,
+        xShmMap: None,
+        xShmLock: None,
+        xShmBarrier: None,
+        xShmUnmap: None,
+        xFetch: None,
+        xUnfetch: None,
+    };
+
+    const PAGE: usize = 4096;
+    const FRAME: i64 = 24 + PAGE as i64;
+
+    /// A wrapped WAL file over the fake one; `calls` empties the log.
+    struct Wal {
+        file: Box<WalFile>,
+        _inner: Box<ffi::sqlite3_file>,
+    }
+
+    impl Wal {
+        fn new() -> Self {
+            CALLS.with_borrow_mut(Vec::clear);
+            FAIL.set(false);
+            let mut inner = Box::new(ffi::sqlite3_file { pMethods: &FAKE });
+            let file = Box::new(WalFile {
+                base: ffi::sqlite3_file {
+                    pMethods: &WAL_METHODS,
+                },
+                inner: &raw mut *inner,
+                pending: Pending {
+                    bytes: Vec::new(),
+                    start: 0,
+                    header_last: false,
+                    commit: false,
+                },
+            });
+            Self {
+                file,
+                _inner: inner,
+            }
+        }
+
+        fn ptr(&mut self) -> *mut ffi::sqlite3_file {
+            (&raw mut *self.file).cast()
+        }
+
+        fn write(&mut self, bytes: &[u8], offset: i64) -> c_int {
+            let len = c_int::try_from(bytes.len()).expect("a length");
+            // SAFETY: a `WalFile` over a live fake file, and `len` bytes at `bytes`.
+            unsafe { x_write(self.ptr(), bytes.as_ptr().cast(), len, offset) }
+        }
+
+        /// Frame `n` (from 1) of a WAL of 4 KiB pages, as SQLite writes it: its header
+        /// (a commit's holds the database size), then its page. The page's result.
+        fn frame(&mut self, n: i64, commit: bool) -> c_int {
+            let at = 32 + (n - 1) * FRAME;
+            let mut header = [0u8; 24];
+            if commit {
+                header[4..8].copy_from_slice(&7u32.to_be_bytes());
+            }
+            assert_eq!(self.write(&header, at), ffi::SQLITE_OK);
+            self.write(&[1u8; PAGE], at + 24)
+        }
+
+        fn read(&mut self, offset: i64) -> c_int {
+            let mut buf = [0u8; 8];
+            // SAFETY: as for `write`, with 8 writable bytes.
+            unsafe { x_read(self.ptr(), buf.as_mut_ptr().cast(), 8, offset) }
+        }
+
+        fn calls(&self) -> Vec<Call> {
+            CALLS.with_borrow_mut(std::mem::take)
+        }
+    }
+
+    #[test]
+    fn a_transaction_goes_out_in_one_write_when_its_commit_frame_is_complete() {
+        let mut wal = Wal::new();
+        assert_eq!(wal.frame(1, false), ffi::SQLITE_OK);
+        assert_eq!(wal.frame(2, false), ffi::SQLITE_OK);
+        assert_eq!(wal.calls(), [], "nothing written before the commit");
+        assert_eq!(wal.frame(3, true), ffi::SQLITE_OK);
+        assert_eq!(
+            wal.calls(),
+            [Call::Write {
+                offset: 32,
+                len: 3 * FRAME as usize
+            }]
+        );
+        assert!(wal.file.pending.bytes.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_the_commits_error_and_leaves_nothing_behind() {
+        let mut wal = Wal::new();
+        assert_eq!(wal.frame(1, false), ffi::SQLITE_OK);
+        FAIL.set(true);
+        assert_eq!(wal.frame(2, true), ffi::SQLITE_IOERR_WRITE);
+        FAIL.set(false);
+        assert!(wal.file.pending.bytes.is_empty());
+        // SQLite rolls back and writes the transaction again from the same frame.
+        wal.calls();
+        assert_eq!(wal.frame(1, false), ffi::SQLITE_OK);
+        assert_eq!(wal.frame(2, true), ffi::SQLITE_OK);
+        assert_eq!(
+            wal.calls(),
+            [Call::Write {
+                offset: 32,
+                len: 2 * FRAME as usize
+            }]
+        );
+    }
+
+    #[test]
+    fn any_other_call_writes_what_is_buffered_first() {
+        let mut wal = Wal::new();
+        assert_eq!(wal.frame(1, false), ffi::SQLITE_OK);
+        assert_eq!(wal.read(32 + 24), ffi::SQLITE_OK);
+        assert_eq!(
+            wal.calls(),
+            [
+                Call::Write {
+                    offset: 32,
+                    len: FRAME as usize
+                },
+                Call::Read { offset: 56 }
+            ]
+        );
+        // A write elsewhere (a page rewritten in place) follows what is buffered.
+        assert_eq!(wal.frame(2, false), ffi::SQLITE_OK);
+        assert_eq!(wal.write(&[2u8; PAGE], 56), ffi::SQLITE_OK);
+        assert_eq!(
+            wal.calls(),
+            [
+                Call::Write {
+                    offset: 32 + FRAME,
+                    len: FRAME as usize
+                },
+                Call::Write {
+                    offset: 56,
+                    len: PAGE
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_commit_marked_header_alone_is_never_held() {
+        // As SQLite rewrites a commit frame's checksum: the header alone, then nothing
+        // more on this file before the commit is published.
+        let mut wal = Wal::new();
+        let mut header = [0u8; 24];
+        header[4..8].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(wal.write(&header, 32 + 4 * FRAME), ffi::SQLITE_OK);
+        assert_eq!(
+            wal.calls(),
+            [Call::Write {
+                offset: 32 + 4 * FRAME,
+                len: 24
+            }]
+        );
+    }
+
+    #[test]
+    fn a_large_transaction_goes_in_pieces_the_default_vfs_takes() {
+        let mut wal = Wal::new();
+        for n in 1..40 {
+            assert_eq!(wal.frame(n, false), ffi::SQLITE_OK);
+        }
+        assert_eq!(wal.frame(40, true), ffi::SQLITE_OK);
+        let calls = wal.calls();
+        let mut next = 32;
+        for call in &calls {
+            let Call::Write { offset, len } = *call else {
+                panic!("{call:?}");
+            };
+            assert_eq!(offset, next, "contiguous");
+            assert!(len <= 0x1ffff, "{len} bytes in one call");
+            next += i64::try_from(len).expect("a length");
+        }
+        assert_eq!(next, 32 + 40 * FRAME);
+        assert_eq!(calls.len(), 2);
+    }
 }
