@@ -115,6 +115,18 @@ struct Pending {
     commit: bool,
 }
 
+impl Pending {
+    /// Nothing buffered.
+    const fn new() -> Self {
+        Pending {
+            bytes: Vec::new(),
+            start: 0,
+            header_last: false,
+            commit: false,
+        }
+    }
+}
+
 const INNER_OFFSET: usize = size_of::<WalFile>().next_multiple_of(16);
 
 static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
@@ -170,12 +182,7 @@ unsafe extern "C" fn x_open(
                     pMethods: ptr::null(),
                 },
                 inner,
-                pending: Pending {
-                    bytes: Vec::new(),
-                    start: 0,
-                    header_last: false,
-                    commit: false,
-                },
+                pending: Pending::new(),
             },
         );
         let rc = open(base, name, inner, flags, out_flags);

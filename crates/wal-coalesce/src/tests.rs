@@ -287,12 +287,7 @@ mod rules {
                     pMethods: &WAL_METHODS,
                 },
                 inner: &raw mut *inner,
-                pending: Pending {
-                    bytes: Vec::new(),
-                    start: 0,
-                    header_last: false,
-                    commit: false,
-                },
+                pending: Pending::new(),
             });
             Self {
                 file,
