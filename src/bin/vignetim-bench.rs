@@ -27,6 +27,10 @@ use serde_json::{Value, json};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Figures whose lowest and highest repetitions are reported beside the median
+/// (`ratio_min`, `ratio_max`, ...): the ratios the targets are set on.
+const SPREAD: [&str; 2] = ["ratio", "healthy_ratio"];
+
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 const WEBHOOKS: usize = 10;
 
@@ -173,6 +177,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for key in runs[0].keys() {
             let mut values: Vec<f64> = runs.iter().filter_map(|r| r.get(key).copied()).collect();
             line.insert(key.clone(), json!(round3(median(&mut values))));
+            // The targets' spread over the repetitions (`median` sorted them): on a noisy
+            // host a median of three can sit anywhere in a wide range.
+            if SPREAD.contains(&key.as_str()) && values.len() > 1 {
+                line.insert(format!("{key}_min"), json!(round3(values[0])));
+                line.insert(
+                    format!("{key}_max"),
+                    json!(round3(values[values.len() - 1])),
+                );
+            }
         }
         // The service's peak over this scenario's repetitions (the memory line: the run's).
         line.insert(
