@@ -8,6 +8,10 @@
 //! per frame written 20 at a time, measured on the project's machine, and the service's
 //! writer spent about a quarter of its time there.
 //!
+//! The crate also has [`sync_main`], which syncs a connection's database file and WAL
+//! through the files SQLite holds, for a checkpointer that wants the copies of its passes
+//! on disk before it hands the rest to the writer.
+//!
 //! # What it does
 //!
 //! Only files SQLite opens as a WAL (`SQLITE_OPEN_WAL`) are wrapped; every other file is the
@@ -92,6 +96,50 @@ pub fn register() -> Result<(), c_int> {
             }
         }
     })
+}
+
+/// Syncs the database file of `conn`'s main database and its WAL (when open) to disk,
+/// through the files SQLite itself holds (`SQLITE_FCNTL_FILE_POINTER` and
+/// `SQLITE_FCNTL_JOURNAL_POINTER`), as its own syncs do. A descriptor opened for the purpose
+/// would not do: closing any descriptor of the database file drops every POSIX lock the
+/// process holds on it, SQLite's included, and another process could then take the
+/// database as unused. The error is SQLite's result code.
+///
+/// For a checkpointer: SQLite syncs the database file only when a checkpoint copies the
+/// whole WAL, so what partial passes copied is written out by whichever sync comes next.
+pub fn sync_main(conn: &rusqlite::Connection) -> Result<(), c_int> {
+    for op in [
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+    ] {
+        let mut file: *mut ffi::sqlite3_file = ptr::null_mut();
+        // SAFETY: `conn` is a live connection used by this thread alone (`Connection` is
+        // not `Sync`), and for these two opcodes SQLite writes one `sqlite3_file*` into the
+        // pointer it is given: the pager's file, open while the connection is (the
+        // database), or null or a file without methods when not open (the WAL before the
+        // first read). The file's own `xSync` is what SQLite calls between its statements,
+        // and it changes nothing SQLite relies on.
+        let rc = unsafe {
+            let rc = ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                op,
+                (&raw mut file).cast(),
+            );
+            if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+                rc
+            } else {
+                match (*(*file).pMethods).xSync {
+                    Some(sync) => sync(file, ffi::SQLITE_SYNC_NORMAL),
+                    None => ffi::SQLITE_OK,
+                }
+            }
+        };
+        if rc != ffi::SQLITE_OK {
+            return Err(rc);
+        }
+    }
+    Ok(())
 }
 
 /// A wrapped WAL file. SQLite allocates `szOsFile` bytes for it: this struct, then (at
@@ -328,7 +376,14 @@ macro_rules! flush_then {
 
 flush_then!(x_read, xRead, (data: *mut c_void, amount: c_int, offset: ffi::sqlite3_int64));
 flush_then!(x_truncate, xTruncate, (size: ffi::sqlite3_int64));
-flush_then!(x_sync, xSync, (flags: c_int));
+flush_then!(sync_inner, xSync, (flags: c_int));
+
+unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    #[cfg(test)]
+    tests::count_sync();
+    // SAFETY: as for every `flush_then!` method.
+    unsafe { sync_inner(file, flags) }
+}
 flush_then!(x_file_size, xFileSize, (size: *mut ffi::sqlite3_int64));
 flush_then!(x_lock, xLock, (level: c_int));
 flush_then!(x_unlock, xUnlock, (level: c_int));

@@ -22,6 +22,19 @@ fn writes() -> u64 {
     WRITES.with(Cell::get)
 }
 
+thread_local! {
+    /// Syncs of a WAL file asked of this VFS on this thread.
+    static SYNCS: Cell<u64> = const { Cell::new(0) };
+}
+
+pub(crate) fn count_sync() {
+    SYNCS.with(|s| s.set(s.get() + 1));
+}
+
+fn syncs() -> u64 {
+    SYNCS.with(Cell::get)
+}
+
 fn open(path: &Path) -> Connection {
     super::register().expect("register");
     let conn = Connection::open_with_flags_and_vfs(
@@ -97,6 +110,36 @@ fn each_commit_is_one_write_and_survives_as_sqlite_recovers_it() {
     assert!((100..=102).contains(&made), "{made} writes for 100 commits");
     let copy = recovered(dir.path());
     assert_eq!(count(&copy), 5_000);
+}
+
+#[test]
+fn sync_main_syncs_the_wal_through_sqlites_own_file_and_leaves_the_database_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conn = open(&dir.path().join("db"));
+    // A connection that has not read yet: its WAL is not open, and is skipped.
+    let idle = Connection::open_with_flags_and_vfs(
+        dir.path().join("db"),
+        OpenFlags::SQLITE_OPEN_READ_WRITE,
+        super::NAME,
+    )
+    .expect("open");
+    super::sync_main(&idle).expect("sync without a WAL open");
+    // With `synchronous = NORMAL` commits do not sync the WAL; `sync_main` does, once,
+    // through the file SQLite opened with this VFS (the database file is the default
+    // VFS's, not counted here).
+    insert(&conn, 0, 200, 100);
+    let before = syncs();
+    super::sync_main(&conn).expect("sync");
+    assert_eq!(syncs() - before, 1);
+    insert(&conn, 200, 200, 100);
+    let (_, _, copied): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("checkpoint");
+    assert!(copied > 0);
+    super::sync_main(&conn).expect("sync after a checkpoint");
+    assert_eq!(count(&recovered(dir.path())), 400);
 }
 
 #[test]

@@ -382,15 +382,21 @@ impl Readers {
     }
 }
 
+/// Checkpoint passes in a row at most, and the new frames (pages written) below which a
+/// pass is the last: see `spawn_checkpointer`.
+const MAX_PASSES: usize = 5;
+const FEW_NEW_FRAMES: i64 = 256;
+
 /// Starts the checkpointer thread; it stops when the returned handle is dropped.
 ///
-/// Every half second it copies the WAL into the database with a PASSIVE checkpoint, which
-/// never blocks the writer, and when it found frames, a second one right after it. That
-/// alone is not enough under steady load: the WAL can only start over from its beginning
-/// when a write begins with every frame copied, and frames keep arriving while the
-/// checkpoint runs, so the WAL would grow without end (seen: 366 MB in a minute, and
-/// commits stalling for 100 ms as the file grew). So after each pass it asks the writer to
-/// copy the few frames written meanwhile, between two transactions.
+/// Every half second it copies the WAL into the database with PASSIVE checkpoints, which
+/// never block the writer: one, and when it found frames, more right after it until one
+/// finds few new frames (at most five in all); then it syncs the database file and the
+/// WAL. That alone is not enough under steady load: the WAL can only start over from its
+/// beginning when a write begins with every frame copied, and frames keep arriving while
+/// the checkpoint runs, so the WAL would grow without end (seen: 366 MB in a minute, and
+/// commits stalling for 100 ms as the file grew). So after each round it asks the writer
+/// to copy the few frames written meanwhile, between two transactions.
 fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mpsc::Sender<()>> {
     let conn = open(path, false)?;
     let (stop, stopped) = mpsc::channel::<()>();
@@ -405,23 +411,47 @@ fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mp
                     Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                 })
             };
-            // A second pass at once copies what was written during the first, so the
-            // writer's catch-up has only the last few milliseconds' frames to copy and
-            // sync (it held every write for about 10 ms, median, with one pass, and about
-            // 5 ms with two: BENCHMARKS.md, step 25).
-            let result = match pass() {
-                Ok((frames, _)) if frames > 0 => pass(),
-                other => other,
-            };
+            // More passes at once copy what was written during the last one, until a
+            // pass finds only a few new frames: the writer's catch-up copies and syncs
+            // what is left while every write waits (about 10 ms, median, after one pass;
+            // 16–26 ms after two at 8,000 deliveries/s, when the WAL grows by 13,000
+            // frames between passes: BENCHMARKS.md, steps 25 and 30).
+            let mut result = pass();
+            let mut passes = 1;
+            while passes < MAX_PASSES {
+                let Ok((before, _)) = result else { break };
+                if before == 0 {
+                    break;
+                }
+                result = pass();
+                passes += 1;
+                // The frames this pass found beyond the last one's (the WAL only grows
+                // between the writer's catch-ups, which wait for this loop).
+                if matches!(result, Ok((after, _)) if after - before < FEW_NEW_FRAMES) {
+                    break;
+                }
+            }
             match result {
                 Ok((frames, copied)) => {
                     tracing::trace!(
                         us = started.elapsed().as_micros() as u64,
+                        passes,
                         frames,
                         copied,
                         "checkpoint"
                     );
                     if frames > 0 {
+                        // The passes copied pages into the database without syncing it
+                        // (SQLite syncs it only when a pass copies the whole WAL, which
+                        // under load only the catch-up does), and frames came into the
+                        // WAL after the last pass synced it. Synced here, off the
+                        // writer's path, the catch-up's two syncs, while every write
+                        // waits, have only its own few pages left to write (with them
+                        // all it took 14–18 ms, median, at 8,000 deliveries/s; 4.6 ms
+                        // after: BENCHMARKS.md, step 30).
+                        if let Err(code) = wal_coalesce::sync_main(&conn) {
+                            tracing::warn!(code, "syncing the database files failed");
+                        }
                         caught_up.store(true, Ordering::Relaxed);
                     }
                 }
