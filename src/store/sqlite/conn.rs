@@ -413,9 +413,10 @@ fn spawn_checkpointer(path: &Path, caught_up: Arc<AtomicBool>) -> StoreResult<mp
             };
             // More passes at once copy what was written during the last one, until a
             // pass finds only a few new frames: the writer's catch-up copies and syncs
-            // what is left while every write waits (about 10 ms, median, after one pass;
-            // 16–26 ms after two at 8,000 deliveries/s, when the WAL grows by 13,000
-            // frames between passes: BENCHMARKS.md, steps 25 and 30).
+            // what is left while every write waits (about 10 ms, median, after one pass
+            // at step 25; 13 ms after three or four at 8,000 deliveries/s, when the WAL
+            // grows by 13,000 frames a round, until the syncs below: BENCHMARKS.md, steps
+            // 25 and 30).
             let mut result = pass();
             let mut passes = 1;
             while passes < MAX_PASSES {
