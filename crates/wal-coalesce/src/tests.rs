@@ -12,27 +12,16 @@ use rusqlite::{Connection, OpenFlags, params};
 thread_local! {
     /// Writes of buffered frames made on this thread (each test's connections are its own).
     static WRITES: Cell<u64> = const { Cell::new(0) };
-}
-
-pub(crate) fn count_write() {
-    WRITES.with(|w| w.set(w.get() + 1));
-}
-
-fn writes() -> u64 {
-    WRITES.with(Cell::get)
-}
-
-thread_local! {
     /// Syncs of a WAL file asked of this VFS on this thread.
     static SYNCS: Cell<u64> = const { Cell::new(0) };
 }
 
-pub(crate) fn count_sync() {
-    SYNCS.with(|s| s.set(s.get() + 1));
+pub(crate) fn count_write() {
+    WRITES.set(WRITES.get() + 1);
 }
 
-fn syncs() -> u64 {
-    SYNCS.with(Cell::get)
+pub(crate) fn count_sync() {
+    SYNCS.set(SYNCS.get() + 1);
 }
 
 fn open(path: &Path) -> Connection {
@@ -100,11 +89,11 @@ fn recovered(dir: &Path) -> Connection {
 fn each_commit_is_one_write_and_survives_as_sqlite_recovers_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let conn = open(&dir.path().join("db"));
-    let before = writes();
+    let before = WRITES.get();
     for round in 0..100 {
         insert(&conn, round * 50, 50, 100);
     }
-    let made = writes() - before;
+    let made = WRITES.get() - before;
     // Each commit dirties several pages of the table and the scattered index; without the
     // VFS that is two writes per page. With it, one per commit.
     assert!((100..=102).contains(&made), "{made} writes for 100 commits");
@@ -128,9 +117,9 @@ fn sync_main_syncs_the_wal_through_sqlites_own_file_and_leaves_the_database_whol
     // through the file SQLite opened with this VFS (the database file is the default
     // VFS's, not counted here).
     insert(&conn, 0, 200, 100);
-    let before = syncs();
+    let before = SYNCS.get();
     super::sync_main(&conn).expect("sync");
-    assert_eq!(syncs() - before, 1);
+    assert_eq!(SYNCS.get() - before, 1);
     insert(&conn, 200, 200, 100);
     let (_, _, copied): (i64, i64, i64) = conn
         .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -237,9 +226,9 @@ fn files_other_than_the_wal_are_the_default_vfs_own() {
     .expect("open");
     conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, k TEXT, v BLOB)")
         .expect("schema");
-    let before = writes();
+    let before = WRITES.get();
     insert(&conn, 0, 100, 100);
-    assert_eq!(writes(), before);
+    assert_eq!(WRITES.get(), before);
     assert_eq!(count(&conn), 100);
 }
 
