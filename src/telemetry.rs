@@ -55,6 +55,15 @@ pub struct AttemptLabels {
     pub failure: &'static str,
 }
 
+/// How a delivery came to the engine: `publish` (handed over by its publish), `claim` (a
+/// first attempt claimed from the database: its webhook's lane or the engine's budget was
+/// full at publish, or another process published it or stopped before sending it), or
+/// `retry` (a later attempt, always claimed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StartLabels {
+    pub via: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: &'static str,
@@ -70,6 +79,10 @@ pub struct Metrics {
     pub delivery_attempts: Family<AttemptLabels, Counter>,
     /// From an event's publication to a 2xx from the endpoint.
     pub publish_to_success: Histogram,
+    /// Deliveries the engine took on, by how they came ([`StartLabels`]): a rising share
+    /// of `claim` means publishes outrun delivery and their deliveries go the longer way,
+    /// through the database.
+    pub deliveries_started: Family<StartLabels, Counter>,
     /// Set from the store at each scrape.
     pub deliveries: Family<StatusLabels, Gauge>,
     pub deliveries_due: Gauge,
@@ -105,6 +118,12 @@ impl Metrics {
             "Time from an event's publication to a 2xx from the endpoint",
             publish_to_success.clone(),
         );
+        let deliveries_started = Family::<StartLabels, Counter>::default();
+        registry.register(
+            "deliveries_started",
+            "Deliveries the engine took on: handed over at publish, claimed for a first attempt, or claimed for a retry",
+            deliveries_started.clone(),
+        );
         let deliveries = Family::<StatusLabels, Gauge>::default();
         registry.register("deliveries", "Deliveries by status", deliveries.clone());
         let deliveries_due = Gauge::default();
@@ -125,6 +144,7 @@ impl Metrics {
             http_latency,
             delivery_attempts,
             publish_to_success,
+            deliveries_started,
             deliveries,
             deliveries_due,
             oldest_due_age,

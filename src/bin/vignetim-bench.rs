@@ -437,8 +437,8 @@ impl Service {
         Ok(())
     }
 
-    /// Deliveries recorded as succeeded, from the service's own metrics.
-    async fn succeeded(&self) -> anyhow::Result<u64> {
+    /// The service's metrics, as `name{labels}` and value.
+    async fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
         let text = self
             .http
             .get(format!("{}/metrics", self.base))
@@ -448,9 +448,39 @@ impl Service {
             .await?;
         Ok(text
             .lines()
-            .find_map(|l| l.strip_prefix(r#"vignetim_deliveries{status="succeeded"} "#))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(name, value)| Some((name.to_owned(), value.trim().parse().ok()?)))
+            .collect())
+    }
+
+    /// Deliveries recorded as succeeded, from the service's own metrics.
+    async fn succeeded(&self) -> anyhow::Result<u64> {
+        let metrics = self.metrics().await?;
+        Ok(metrics
+            .get(r#"vignetim_deliveries{status="succeeded"}"#)
+            .map_or(0, |n| *n as u64))
+    }
+
+    /// The share of the deliveries the engine took on so far that it claimed from the
+    /// database for their first attempt, rather than taking them from their publish
+    /// (`vignetim_deliveries_started_total`): the deliveries that went the longer way.
+    async fn claimed_share(&self) -> anyhow::Result<f64> {
+        let metrics = self.metrics().await?;
+        let started = |via: &str| {
+            metrics
+                .get(&format!(
+                    r#"vignetim_deliveries_started_total{{via="{via}"}}"#
+                ))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let all = started("publish") + started("claim") + started("retry");
+        Ok(if all > 0.0 {
+            started("claim") / all
+        } else {
+            0.0
+        })
     }
 }
 
@@ -678,6 +708,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let cpu = service.cpu_seconds() - cpu_before;
     let load_cpu = cpu_seconds("self") - own_before;
     let deliveries_per_s = expected as f64 / elapsed;
+    let claimed_share = service.claimed_share().await?;
 
     // Latency at half the peak rate.
     let rate = (plan.latency_rate.unwrap_or(deliveries_per_s / 2.0) / WEBHOOKS as f64).max(1.0);
@@ -725,6 +756,10 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     figures.insert("p95_ms".into(), percentile(&latencies, 95.0));
     figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
     figures.insert("cpu_s_per_1000".into(), per_1000(cpu, expected as usize));
+    // The peak's deliveries that spilled to the database and were claimed back (the
+    // publishers outran the engine's room): they cost a claim each, and the share moves
+    // from run to run (BENCHMARKS.md, step 31).
+    figures.insert("claimed_share".into(), claimed_share);
     // The benchmark's own CPU, for the machine's whole account: during the peak its
     // receiver and publishers (and the completion checks) per 1,000 deliveries; during
     // the ceiling its bare client and receiver per 1,000 requests.
@@ -829,6 +864,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
     let expected = (plan.hang_events * healthy) as u64;
     let (mut alone, mut with) = (0.0, 0.0);
     let (mut cpu_alone, mut cpu_with) = (0.0, 0.0);
+    let (mut claimed_alone, mut claimed_with) = (0.0, 0.0);
     let mut rss = 0;
     for with_hanging in [false, true, true, false] {
         let service = Arc::new(Service::start(ctx, &[]).await?);
@@ -849,12 +885,15 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         let rate = expected as f64 / started.elapsed().as_secs_f64() / 2.0;
         // Per healthy delivery; the hanging webhook's share of the work is in it.
         let cpu = per_1000(service.cpu_seconds() - cpu_before, expected as usize) / 2.0;
+        let claimed = service.claimed_share().await? / 2.0;
         if with_hanging {
             with += rate;
             cpu_with += cpu;
+            claimed_with += claimed;
         } else {
             alone += rate;
             cpu_alone += cpu;
+            claimed_alone += claimed;
         }
         rss = rss.max(service.peak_rss_kib());
         receiver.set_hanging(100, false);
@@ -865,6 +904,8 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
     figures.insert("healthy_ratio".into(), with / alone);
     figures.insert("cpu_s_per_1000_alone".into(), cpu_alone);
     figures.insert("cpu_s_per_1000_with_hanging".into(), cpu_with);
+    figures.insert("claimed_share_alone".into(), claimed_alone);
+    figures.insert("claimed_share_with_hanging".into(), claimed_with);
     Ok((figures, rss))
 }
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,7 +35,7 @@ use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
     Handover, Published, Store, Unsent,
 };
-use crate::telemetry::{AttemptLabels, Metrics};
+use crate::telemetry::{AttemptLabels, Metrics, StartLabels};
 
 /// Wakes the dispatcher: new events, retries, re-enabled webhooks.
 #[derive(Clone, Default)]
@@ -600,6 +601,7 @@ impl Reservation {
                 continue;
             };
             let (_, permit) = held.swap_remove(i);
+            self.launcher.started.publish.inc();
             self.launcher.launch(delivery, permit);
         }
     }
@@ -655,6 +657,40 @@ pub struct Launcher {
     attempts: TaskTracker,
     shutdown: CancellationToken,
     lease_ms: i64,
+    /// `vignetim_deliveries_started_total` by way, looked up once.
+    started: Started,
+}
+
+/// The counters of deliveries the engine took on ([`StartLabels`]).
+struct Started {
+    publish: Counter,
+    claim: Counter,
+    retry: Counter,
+}
+
+impl Started {
+    fn new(metrics: &Metrics) -> Self {
+        let via = |via| {
+            metrics
+                .deliveries_started
+                .get_or_create(&StartLabels { via })
+                .clone()
+        };
+        Started {
+            publish: via("publish"),
+            claim: via("claim"),
+            retry: via("retry"),
+        }
+    }
+
+    /// A claimed delivery: its first attempt, or a later one.
+    fn claimed(&self, delivery: &ClaimedDelivery) {
+        if delivery.attempts_made == 0 {
+            self.claim.inc();
+        } else {
+            self.retry.inc();
+        }
+    }
 }
 
 impl Launcher {
@@ -812,6 +848,7 @@ impl Engine {
             attempts: attempts.clone(),
             shutdown: shutdown.clone(),
             lease_ms,
+            started: Started::new(&self.metrics),
         });
         self.handoff.set(Some(Arc::clone(&launcher)));
         while !shutdown.is_cancelled() {
@@ -863,6 +900,7 @@ impl Engine {
                     },
                 };
                 in_flight.start(delivery.webhook_id);
+                launcher.started.claimed(&delivery);
                 launcher.launch(delivery, permit);
             }
             drop(first);

@@ -682,7 +682,7 @@ async fn delivery_metrics_are_exported() {
     let bad = TestReceiver::start().await;
     bad.set(Respond::Status(500, "no"));
     customer.create_webhook_id(&ok.url()).await;
-    customer.create_webhook_id(&bad.url()).await;
+    let failing = customer.create_webhook_id(&bad.url()).await;
     // A paused webhook: its delivery is held. (The counts by status come from three
     // indexes, succeeded being what the others leave: each status is checked.)
     let paused = customer.create_webhook_id(&ok.url()).await;
@@ -739,6 +739,42 @@ async fn delivery_metrics_are_exported() {
         text.contains("vignetim_oldest_due_delivery_age_seconds"),
         "{text}"
     );
+
+    // How deliveries came to the engine: the two sent so far were handed over by their
+    // publish; the held one, resumed, is claimed for its first attempt; the failed one,
+    // retried by hand, is claimed for its second.
+    let started = |via: &str| format!(r#"vignetim_deliveries_started_total{{via="{via}"}}"#);
+    assert!(
+        text.contains(&format!("{} 2", started("publish"))),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{} 0", started("claim"))), "{text}");
+    assert!(text.contains(&format!("{} 0", started("retry"))), "{text}");
+    customer
+        .put(&format!("/webhooks/{paused}"), json!({"active": true}))
+        .await;
+    received(&ok, 2).await;
+    let failed = log(&customer, &failing, "").await["data"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(
+        retry(&customer, &failing, &failed).await.0,
+        StatusCode::ACCEPTED
+    );
+    received(&bad, 2).await;
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    for (via, n) in [("publish", 2), ("claim", 1), ("retry", 1)] {
+        assert!(text.contains(&format!("{} {n}", started(via))), "{text}");
+    }
 }
 
 #[tokio::test]
