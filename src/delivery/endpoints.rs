@@ -13,10 +13,15 @@
 //! at a time go until the endpoint has a connection others can use:
 //! - over HTTP/1.1, as soon as it is open (the others cannot share it, and open their
 //!   own at once);
-//! - over HTTP/2, once an answer has come over it (by then hyper-util has pooled it, and
-//!   the others share it), or [`SHARE_AFTER`] after it opened, whichever is first (so an
-//!   attempt that hangs, perhaps on another webhook's path at the same host, holds the
-//!   others up that long at most).
+//! - over HTTP/2, once the server has spoken on it (its first frames, its settings, come
+//!   one round trip after the handshake, whatever its handlers do; by then hyper-util,
+//!   which pools the connection right after its own handshake, has pooled it, and the
+//!   others share it), or once an answer has come over it, or [`SHARE_AFTER`] after it
+//!   opened, whichever is first. So an attempt that hangs, perhaps on another webhook's
+//!   path at the same host, holds the others up for a round trip, not for its timeout;
+//!   until step 31 they waited for an answer or the 50 ms, and in the benchmark's hang10
+//!   scenario a hanging first attempt sent a third of the healthy webhooks' deliveries
+//!   through the database (BENCHMARKS.md, step 31).
 //!
 //! An attempt that fails to connect lets the next one try.
 
@@ -49,7 +54,8 @@ pub(super) struct Endpoint {
 }
 
 /// How long after an HTTP/2 connection opened the other attempts go without waiting
-/// for its first answer.
+/// for the server to speak or answer (a server that accepts TLS and HTTP/2 but sends
+/// nothing).
 pub(super) const SHARE_AFTER: Duration = Duration::from_millis(50);
 
 impl Endpoint {
@@ -193,7 +199,9 @@ where
                     }
                 });
             }
-            Ok(Tracked { io, endpoint })
+            // Over HTTP/1.1 there is nothing more to tell.
+            let told = !io.connected().is_negotiated_h2();
+            Ok(Tracked { io, endpoint, told })
         })
     }
 }
@@ -202,6 +210,8 @@ where
 pub(super) struct Tracked<T> {
     io: T,
     endpoint: Arc<Endpoint>,
+    /// Its endpoint knows it can be shared (after its first read, over HTTP/2).
+    told: bool,
 }
 
 impl<T> Drop for Tracked<T> {
@@ -225,7 +235,13 @@ impl<T: Read + Unpin> Read for Tracked<T> {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        // The server has spoken (or closed: either way waiting longer tells nothing).
+        if !self.told && matches!(read, Poll::Ready(Ok(()))) {
+            self.told = true;
+            self.endpoint.answered();
+        }
+        read
     }
 }
 
@@ -261,7 +277,31 @@ impl<T: Write + Unpin> Write for Tracked<T> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
+
+    #[tokio::test]
+    async fn an_http2_connection_is_shared_once_the_server_has_spoken() {
+        let endpoint = Arc::new(Endpoint::new());
+        endpoint.live.fetch_add(1, Ordering::AcqRel);
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut tracked = Tracked {
+            io: hyper_util::rt::TokioIo::new(ours),
+            endpoint: Arc::clone(&endpoint),
+            told: false,
+        };
+        assert!(!endpoint.ready());
+        theirs.write_all(b"settings").await.expect("write");
+        let mut bytes = [0u8; 16];
+        let mut buf = hyper::rt::ReadBuf::new(&mut bytes);
+        std::future::poll_fn(|cx| Pin::new(&mut tracked).poll_read(cx, buf.unfilled()))
+            .await
+            .expect("read");
+        assert_eq!(buf.filled(), b"settings");
+        // No answer yet, and long before `SHARE_AFTER`: the others may go.
+        assert!(endpoint.ready());
+    }
 
     fn uri(text: &str) -> Uri {
         text.parse().expect("a URI")
