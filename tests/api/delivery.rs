@@ -693,15 +693,7 @@ async fn delivery_metrics_are_exported() {
     received(&ok, 1).await;
     received(&bad, 1).await;
     let text = eventually(WAIT, || async {
-        let text = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = app.metrics().await;
         text.contains(
             r#"vignetim_delivery_attempts_total{outcome="failure",failure="http_status"} 1"#,
         )
@@ -763,15 +755,7 @@ async fn delivery_metrics_are_exported() {
         StatusCode::ACCEPTED
     );
     received(&bad, 2).await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     for (via, n) in [("publish", 2), ("claim", 1), ("retry", 1)] {
         assert!(text.contains(&format!("{} {n}", started(via))), "{text}");
     }

@@ -147,6 +147,18 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET /metrics`, the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// Creates an organization through the admin API; returns its id.
     pub async fn create_org(&self) -> String {
         let response = self

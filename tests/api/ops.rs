@@ -28,15 +28,7 @@ async fn health_readiness_and_metrics() {
     customer
         .get("/webhooks/wh-00000000-0000-4000-8000-000000000000")
         .await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     assert!(
         text.contains(
             r#"vignetim_http_requests_total{method="GET",route="/webhooks",status="200"} 1"#
