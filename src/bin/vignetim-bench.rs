@@ -507,6 +507,61 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds the whole machine has spent busy (user, system, interrupts and the time
+/// the hypervisor took: every field of `/proc/stat`'s first line but idle and I/O wait).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    busy / 100.0
+}
+
+/// CPU seconds spent from a phase's start: by this process (the load: receiver, bare
+/// client, publishers), by the service, and by everything else on the machine (other
+/// programs on the host and the kernel's own threads, the writeback of the service's
+/// files among them). On the project's machine a short-lived Erlang VM starts once a
+/// minute (a check of the local RabbitMQ) and can take half of the two cores for a few
+/// hundred milliseconds; a phase it lands in reads slower, and `others` says so.
+struct Phase {
+    machine: f64,
+    own: f64,
+    service: f64,
+}
+
+impl Phase {
+    fn start(service: &Service) -> Self {
+        Self {
+            machine: machine_busy_seconds(),
+            own: cpu_seconds("self"),
+            service: service.cpu_seconds(),
+        }
+    }
+
+    fn own(&self) -> f64 {
+        cpu_seconds("self") - self.own
+    }
+
+    fn service(&self, service: &Service) -> f64 {
+        service.cpu_seconds() - self.service
+    }
+
+    fn others(&self, service: &Service) -> f64 {
+        let machine = machine_busy_seconds() - self.machine;
+        (machine - self.own() - self.service(service)).max(0.0)
+    }
+}
+
 fn uuid_like() -> String {
     format!("{:x}{:x}", now_micros(), std::process::id())
 }
@@ -680,17 +735,39 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
 
     // Ceiling: a bare client, same receiver, same request count and concurrency, while
     // the service idles (measured after the peak, it would compete with the service's
-    // last checkpoints and look lower).
-    let connections_before = receiver.connections.load(Ordering::Relaxed);
-    let own_before = cpu_seconds("self");
-    let ceiling_per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
-    let ceiling_cpu = cpu_seconds("self") - own_before;
-    let ceiling_connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
+    // last checkpoints and look lower). The best of a few tries: the bare client's
+    // HTTP/2 connection task and the receiver's share this process's runtime, and in
+    // some tries both land on one worker thread and the ceiling reads what one core can
+    // do (about two thirds of the other tries); a ceiling caught that way would flatter
+    // the ratio (BENCHMARKS.md, item 36). What the machine can do is the best try.
+    let mut best: Option<Ceiling> = None;
+    let mut lowest_per_s = f64::INFINITY;
+    for _ in 0..CEILING_TRIES {
+        let connections_before = receiver.connections.load(Ordering::Relaxed);
+        let phase = Phase::start(&service);
+        let per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
+        let (cpu, others) = (phase.own(), phase.others(&service));
+        let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
+        lowest_per_s = lowest_per_s.min(per_s);
+        if best.as_ref().is_none_or(|b| per_s > b.per_s) {
+            best = Some(Ceiling {
+                per_s,
+                cpu,
+                others,
+                connections,
+            });
+        }
+    }
+    let Ceiling {
+        per_s: ceiling_per_s,
+        cpu: ceiling_cpu,
+        others: ceiling_others,
+        connections: ceiling_connections,
+    } = best.context("no ceiling try")?;
 
     // Peak: publish a burst, time until every delivery is received and recorded.
     receiver.reset();
-    let cpu_before = service.cpu_seconds();
-    let own_before = cpu_seconds("self");
+    let phase = Phase::start(&service);
     let started = Instant::now();
     let connections_before = receiver.connections.load(Ordering::Relaxed);
     publish_all(&service, &org, plan.e2e_events, 16).await?;
@@ -705,8 +782,8 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
-    let cpu = service.cpu_seconds() - cpu_before;
-    let load_cpu = cpu_seconds("self") - own_before;
+    let (cpu, load_cpu) = (phase.service(&service), phase.own());
+    let peak_others = phase.others(&service);
     let deliveries_per_s = expected as f64 / elapsed;
     let claimed_share = service.claimed_share().await?;
 
@@ -746,6 +823,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let mut figures = BTreeMap::new();
     figures.insert("deliveries_per_s".into(), deliveries_per_s);
     figures.insert("ceiling_per_s".into(), ceiling_per_s);
+    figures.insert("ceiling_lowest_try_per_s".into(), lowest_per_s);
     figures.insert("ratio".into(), deliveries_per_s / ceiling_per_s);
     // TLS connections the receiver accepted: the service's during the peak, the bare
     // client's during the ceiling (one each: HTTP/2 carries every request).
@@ -771,7 +849,26 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
         "ceiling_cpu_s_per_1000".into(),
         per_1000(ceiling_cpu, expected as usize),
     );
+    // The host's share of each phase: the CPU seconds that neither the benchmark nor the
+    // service spent, per second of the phase (0.5 would be one of two cores taken away).
+    figures.insert("others_cores".into(), peak_others / elapsed);
+    figures.insert(
+        "ceiling_others_cores".into(),
+        ceiling_others * ceiling_per_s / expected as f64,
+    );
     Ok((figures, service.peak_rss_kib()))
+}
+
+/// Ceiling tries per e2e repetition; the best counts.
+const CEILING_TRIES: usize = 3;
+
+/// One try of the ceiling: requests/s, the benchmark's CPU seconds, the other programs'
+/// CPU seconds, and the TLS connections the receiver accepted.
+struct Ceiling {
+    per_s: f64,
+    cpu: f64,
+    others: f64,
+    connections: u64,
 }
 
 /// The receiver driven by a bare keep-alive HTTPS client: what the machine can do. It is
