@@ -15,8 +15,9 @@ Why at the same time: on this shared host the same build reads 15 % more or less
 delivery from one run to the next, and twice as much between windows of the day, so two
 builds run one after the other differ by the host's drift as much as by their code. Run
 side by side, both services share the same two cores in the same seconds, so the drift
-falls on both alike: the per-round ratios B/A of the service's CPU ticks moved by 1-3 %
-where runs one after the other moved by 15 % (BENCHMARKS.md, step 32). Each service gets
+falls on both alike: with the same build on both sides, the ratio B/A of the service's
+CPU ticks stayed within 2-5 % of 1 in each round and within 1 % over six, where runs one
+after the other moved by 15 % (BENCHMARKS.md, item 36). Each service gets
 about half the machine, so the throughput each reads is about half of a run alone; compare
 the two with each other, never with a run alone.
 
