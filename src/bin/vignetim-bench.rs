@@ -527,16 +527,23 @@ fn machine_busy_seconds() -> f64 {
     busy / 100.0
 }
 
-/// CPU seconds spent from a phase's start: by this process (the load: receiver, bare
-/// client, publishers), by the service, and by everything else on the machine (other
-/// programs on the host and the kernel's own threads, the writeback of the service's
-/// files among them). On the project's machine a short-lived Erlang VM starts once a
-/// minute (a check of the local RabbitMQ) and can take half of the two cores for a few
-/// hundred milliseconds; a phase it lands in reads slower, and `others` says so.
+/// The CPU counters at a phase's start; [`Phase::end`] says what each spent since.
 struct Phase {
     machine: f64,
     own: f64,
     service: f64,
+}
+
+/// CPU seconds spent during a phase: by this process (the load: receiver, bare client,
+/// publishers), by the service, and by everything else on the machine (other programs
+/// on the host and the kernel's own threads, the writeback of the service's files among
+/// them). On the project's machine a short-lived Erlang VM starts once a minute (a check
+/// of the local RabbitMQ) and can take half of the two cores for a few hundred
+/// milliseconds; a phase it lands in reads slower, and `others` says so.
+struct Spent {
+    own: f64,
+    service: f64,
+    others: f64,
 }
 
 impl Phase {
@@ -548,17 +555,16 @@ impl Phase {
         }
     }
 
-    fn own(&self) -> f64 {
-        cpu_seconds("self") - self.own
-    }
-
-    fn service(&self, service: &Service) -> f64 {
-        service.cpu_seconds() - self.service
-    }
-
-    fn others(&self, service: &Service) -> f64 {
+    /// Each counter read once, so that the three add up to the machine's busy time.
+    fn end(&self, service: &Service) -> Spent {
         let machine = machine_busy_seconds() - self.machine;
-        (machine - self.own() - self.service(service)).max(0.0)
+        let own = cpu_seconds("self") - self.own;
+        let service = service.cpu_seconds() - self.service;
+        Spent {
+            own,
+            service,
+            others: (machine - own - service).max(0.0),
+        }
     }
 }
 
@@ -662,7 +668,7 @@ async fn scenario_api(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let service = Arc::new(Service::start(ctx, &[]).await?);
     let (_, key) = service.tenant(&ctx.receiver, 0, WEBHOOKS).await?;
     let svc = Arc::clone(&service);
-    let cpu_before = service.cpu_seconds();
+    let phase = Phase::start(&service);
     let started = Instant::now();
     let mut latencies = closed_loop(32, Duration::from_secs(plan.api_secs), move |_| {
         let (svc, key) = (Arc::clone(&svc), key.clone());
@@ -682,7 +688,7 @@ async fn scenario_api(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     })
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = service.cpu_seconds() - cpu_before;
+    let cpu = phase.end(&service).service;
     latencies.sort_by(|a, b| a.total_cmp(b));
     let mut figures = BTreeMap::new();
     figures.insert("requests_per_s".into(), latencies.len() as f64 / elapsed);
@@ -703,7 +709,7 @@ async fn scenario_publish(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<St
         let service = Arc::new(Service::start(ctx, &[]).await?);
         let (org, _) = service.tenant(&ctx.receiver, 0, hooks).await?;
         let svc = Arc::clone(&service);
-        let cpu_before = service.cpu_seconds();
+        let phase = Phase::start(&service);
         let started = Instant::now();
         let latencies = closed_loop(32, Duration::from_secs(plan.publish_secs), move |n| {
             let (svc, org) = (Arc::clone(&svc), org.clone());
@@ -711,7 +717,7 @@ async fn scenario_publish(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<St
         })
         .await?;
         let per_s = latencies.len() as f64 / started.elapsed().as_secs_f64();
-        let cpu = service.cpu_seconds() - cpu_before;
+        let cpu = phase.end(&service).service;
         let suffix = format!("{hooks}_webhook{}", if hooks == 1 { "" } else { "s" });
         figures.insert(format!("events_per_s_{suffix}"), per_s);
         // Per event accepted; the engine's deliveries meanwhile are in it too.
@@ -746,22 +752,20 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
         let connections_before = receiver.connections.load(Ordering::Relaxed);
         let phase = Phase::start(&service);
         let per_s = ceiling(receiver, expected, 16 * WEBHOOKS, &ctx.ca_file).await?;
-        let (cpu, others) = (phase.own(), phase.others(&service));
+        let spent = phase.end(&service);
         let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
         lowest_per_s = lowest_per_s.min(per_s);
         if best.as_ref().is_none_or(|b| per_s > b.per_s) {
             best = Some(Ceiling {
                 per_s,
-                cpu,
-                others,
+                spent,
                 connections,
             });
         }
     }
     let Ceiling {
         per_s: ceiling_per_s,
-        cpu: ceiling_cpu,
-        others: ceiling_others,
+        spent: ceiling_spent,
         connections: ceiling_connections,
     } = best.context("no ceiling try")?;
 
@@ -782,8 +786,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
-    let (cpu, load_cpu) = (phase.service(&service), phase.own());
-    let peak_others = phase.others(&service);
+    let peak = phase.end(&service);
     let deliveries_per_s = expected as f64 / elapsed;
     let claimed_share = service.claimed_share().await?;
 
@@ -833,7 +836,10 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     figures.insert("p50_ms".into(), percentile(&latencies, 50.0));
     figures.insert("p95_ms".into(), percentile(&latencies, 95.0));
     figures.insert("p99_ms".into(), percentile(&latencies, 99.0));
-    figures.insert("cpu_s_per_1000".into(), per_1000(cpu, expected as usize));
+    figures.insert(
+        "cpu_s_per_1000".into(),
+        per_1000(peak.service, expected as usize),
+    );
     // The peak's deliveries that spilled to the database and were claimed back (the
     // publishers outran the engine's room): they cost a claim each, and the share moves
     // from run to run (BENCHMARKS.md, step 31).
@@ -843,18 +849,18 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     // the ceiling its bare client and receiver per 1,000 requests.
     figures.insert(
         "load_cpu_s_per_1000".into(),
-        per_1000(load_cpu, expected as usize),
+        per_1000(peak.own, expected as usize),
     );
     figures.insert(
         "ceiling_cpu_s_per_1000".into(),
-        per_1000(ceiling_cpu, expected as usize),
+        per_1000(ceiling_spent.own, expected as usize),
     );
     // The host's share of each phase: the CPU seconds that neither the benchmark nor the
     // service spent, per second of the phase (0.5 would be one of two cores taken away).
-    figures.insert("others_cores".into(), peak_others / elapsed);
+    figures.insert("others_cores".into(), peak.others / elapsed);
     figures.insert(
         "ceiling_others_cores".into(),
-        ceiling_others * ceiling_per_s / expected as f64,
+        ceiling_spent.others * ceiling_per_s / expected as f64,
     );
     Ok((figures, service.peak_rss_kib()))
 }
@@ -862,12 +868,11 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
 /// Ceiling tries per e2e repetition; the best counts.
 const CEILING_TRIES: usize = 3;
 
-/// One try of the ceiling: requests/s, the benchmark's CPU seconds, the other programs'
-/// CPU seconds, and the TLS connections the receiver accepted.
+/// One try of the ceiling: requests/s, the CPU its phase spent, and the TLS connections
+/// the receiver accepted.
 struct Ceiling {
     per_s: f64,
-    cpu: f64,
-    others: f64,
+    spent: Spent,
     connections: u64,
 }
 
@@ -972,7 +977,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
             service.add_webhook(&key, receiver, 100).await?;
         }
         receiver.reset();
-        let cpu_before = service.cpu_seconds();
+        let phase = Phase::start(&service);
         let started = Instant::now();
         publish_all(&service, &org, plan.hang_events, 16).await?;
         wait_until(Duration::from_secs(300), async || {
@@ -981,7 +986,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         .await?;
         let rate = expected as f64 / started.elapsed().as_secs_f64() / 2.0;
         // Per healthy delivery; the hanging webhook's share of the work is in it.
-        let cpu = per_1000(service.cpu_seconds() - cpu_before, expected as usize) / 2.0;
+        let cpu = per_1000(phase.end(&service).service, expected as usize) / 2.0;
         let claimed = service.claimed_share().await? / 2.0;
         if with_hanging {
             with += rate;
