@@ -67,6 +67,16 @@ struct Args {
     /// default 3,000, 1,000 with --quick.
     #[arg(long)]
     hang_events: Option<usize>,
+    /// Run the service under valgrind's callgrind and count the instructions it executes
+    /// during each e2e peak (`service_instructions_per_delivery`); the profiles are left
+    /// in this directory for `callgrind_annotate`. Repeatable counts to compare two builds
+    /// by; the timings of such a run mean nothing (BENCHMARKS.md, "Counting instructions").
+    #[arg(long, value_name = "DIR")]
+    callgrind: Option<PathBuf>,
+    /// Concurrent publishers in the e2e peak (under callgrind, 2 keep every delivery on
+    /// the handover path, as at the native peak).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    publishers: u16,
 }
 
 fn main() -> ExitCode {
@@ -103,6 +113,7 @@ struct Plan {
     e2e_events: usize,
     latency_secs: u64,
     hang_events: usize,
+    publishers: usize,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -122,6 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             e2e_events: args.e2e_events.unwrap_or(1_000),
             latency_secs: 5,
             hang_events: args.hang_events.unwrap_or(1_000),
+            publishers: usize::from(args.publishers),
         }
     } else {
         Plan {
@@ -132,6 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             e2e_events: args.e2e_events.unwrap_or(3_000),
             latency_secs: 15,
             hang_events: args.hang_events.unwrap_or(3_000),
+            publishers: usize::from(args.publishers),
         }
     };
     let scenarios: Vec<&str> = args.scenarios.split(',').map(str::trim).collect();
@@ -141,17 +154,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ca_file = work.join("ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem)?;
     let receiver = Receiver::start(&pki).await?;
+    let callgrind = match &args.callgrind {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Some(std::path::absolute(dir)?)
+        }
+        None => None,
+    };
     println!(
         "vignetim-bench: {} cores, backend {}, {} repetition(s)",
         num_cpus(),
         args.backend,
         plan.repeat
     );
+    if let Some(dir) = &callgrind {
+        println!(
+            "the service runs under callgrind (profiles in {}): compare \
+             service_instructions_per_delivery; its timings mean nothing",
+            dir.display()
+        );
+    }
     let ctx = Ctx {
         work: work.clone(),
         ca_file,
         receiver,
         database: args.database.clone(),
+        callgrind,
     };
     let mut results: Vec<Value> = Vec::new();
     let mut peak_rss_kib = 0u64;
@@ -213,6 +241,8 @@ struct Ctx {
     ca_file: PathBuf,
     receiver: Arc<Receiver>,
     database: Option<String>,
+    /// Where the service's callgrind profiles go, when it runs under callgrind.
+    callgrind: Option<PathBuf>,
 }
 
 fn num_cpus() -> usize {
@@ -268,6 +298,9 @@ struct Service {
     events_uri: http::Uri,
     admin_bearer: http::HeaderValue,
     dir: PathBuf,
+    /// Where its callgrind profiles go when it runs under callgrind (instruction counting
+    /// off until a peak turns it on).
+    callgrind: Option<PathBuf>,
 }
 
 type PublishClient = hyper_util::client::legacy::Client<
@@ -282,7 +315,22 @@ impl Service {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut command = Command::new(std::env::current_exe()?);
+        let exe = std::env::current_exe()?;
+        let mut command = match &ctx.callgrind {
+            // Counting starts at each e2e peak (`Service::count_instructions`).
+            Some(dir) => {
+                let mut command = Command::new("valgrind");
+                command
+                    .args(["--tool=callgrind", "--instr-atstart=no"])
+                    .arg(format!(
+                        "--callgrind-out-file={}",
+                        dir.join("callgrind.out.%p").display()
+                    ))
+                    .arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("VIGNETIM_DATA_DIR", &dir)
@@ -305,7 +353,11 @@ impl Service {
         for (k, v) in extra_env {
             command.env(k, v);
         }
-        let child = command.spawn().context("starting the service")?;
+        let child = command.spawn().context(if ctx.callgrind.is_some() {
+            "starting the service under valgrind (is valgrind installed?)"
+        } else {
+            "starting the service"
+        })?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(256)
@@ -316,6 +368,7 @@ impl Service {
                 .build_http();
         let service = Self {
             child,
+            callgrind: ctx.callgrind.clone(),
             events_uri: format!("{base}/admin/events").parse()?,
             admin_bearer: format!("Bearer {ADMIN_TOKEN}").parse()?,
             base,
@@ -323,7 +376,9 @@ impl Service {
             publisher,
             dir,
         };
-        for _ in 0..400 {
+        // Under callgrind the service starts some fifty times slower.
+        let tries = if ctx.callgrind.is_some() { 4_000 } else { 400 };
+        for _ in 0..tries {
             if let Ok(r) = service
                 .http
                 .get(format!("{}/readyz", service.base))
@@ -340,6 +395,52 @@ impl Service {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Under callgrind, turns the counting of instructions on (`true`: from zero), or off
+    /// and returns what was counted since it was turned on; without callgrind, `None`.
+    fn count_instructions(&self, on: bool) -> anyhow::Result<Option<f64>> {
+        if self.callgrind.is_none() {
+            return Ok(None);
+        }
+        let control = |args: &[&str]| -> anyhow::Result<()> {
+            let status = Command::new("callgrind_control")
+                .args(args)
+                .arg(self.pid().to_string())
+                .stdout(Stdio::null())
+                .status()
+                .context("running callgrind_control")?;
+            anyhow::ensure!(status.success(), "callgrind_control {args:?}: {status}");
+            Ok(())
+        };
+        if on {
+            control(&["--zero"])?;
+            control(&["--instr=on"])?;
+            return Ok(None);
+        }
+        control(&["--instr=off"])?;
+        control(&["--dump"])?;
+        Ok(Some(self.last_dump_total()?))
+    }
+
+    /// The instructions counted in the service's newest callgrind dump (its `totals:`
+    /// line; the dumps are numbered `callgrind.out.<pid>.<n>`).
+    fn last_dump_total(&self) -> anyhow::Result<f64> {
+        let dir = self.callgrind.as_deref().context("not under callgrind")?;
+        let prefix = format!("callgrind.out.{}.", self.pid());
+        let newest = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| {
+                let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((n, name))
+            })
+            .max()
+            .context("no callgrind dump")?;
+        let text = std::fs::read_to_string(dir.join(&newest.1))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("totals:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no totals in {}", newest.1))
     }
 
     /// User + system CPU seconds the service has used.
@@ -644,8 +745,14 @@ fn per_1000(cpu_s: f64, units: usize) -> f64 {
     cpu_s / units.max(1) as f64 * 1000.0
 }
 
+/// How often `wait_until` checks: fine enough not to add to a peak of about a second, as
+/// the checks are cheap (the receiver's counters, or the service's counts read from its
+/// indexes).
+const CHECK_EVERY: Duration = Duration::from_millis(2);
+
 async fn wait_until(
     deadline: Duration,
+    every: Duration,
     mut check: impl AsyncFnMut() -> bool,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
@@ -653,9 +760,7 @@ async fn wait_until(
         if start.elapsed() > deadline {
             bail!("timed out after {deadline:?}");
         }
-        // Fine enough not to add to a peak of about a second: the checks are cheap (the
-        // receiver's counters, or the service's counts read from its indexes).
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(every).await;
     }
     Ok(start.elapsed())
 }
@@ -770,22 +875,30 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
 
     // Peak: publish a burst, time until every delivery is received and recorded.
     receiver.reset();
+    service.count_instructions(true)?;
     let phase = Phase::start(&service);
     let started = Instant::now();
     let connections_before = receiver.connections.load(Ordering::Relaxed);
-    publish_all(&service, &org, plan.e2e_events, 16).await?;
+    publish_all(&service, &org, plan.e2e_events, plan.publishers).await?;
     let svc = Arc::clone(&service);
-    wait_until(Duration::from_secs(300), async || {
+    wait_until(Duration::from_secs(300), CHECK_EVERY, async || {
         receiver.total() >= expected
     })
     .await?;
-    wait_until(Duration::from_secs(300), async || {
+    // Each check is a request to the service: under callgrind, fewer of them.
+    let every = if service.callgrind.is_some() {
+        Duration::from_millis(100)
+    } else {
+        CHECK_EVERY
+    };
+    wait_until(Duration::from_secs(300), every, async || {
         svc.succeeded().await.unwrap_or(0) >= expected
     })
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
     let peak = phase.end(&service);
+    let instructions = service.count_instructions(false)?;
     let deliveries_per_s = expected as f64 / elapsed;
     let claimed_share = service.claimed_share().await?;
 
@@ -814,7 +927,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
         }
     });
     pacer.await??;
-    wait_until(Duration::from_secs(120), async || {
+    wait_until(Duration::from_secs(120), CHECK_EVERY, async || {
         receiver.total() >= total * WEBHOOKS as u64
     })
     .await?;
@@ -843,6 +956,12 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     // publishers outran the engine's room): they cost a claim each, and the share moves
     // from run to run (BENCHMARKS.md, step 31).
     figures.insert("claimed_share".into(), claimed_share);
+    if let Some(instructions) = instructions {
+        figures.insert(
+            "service_instructions_per_delivery".into(),
+            instructions / expected as f64,
+        );
+    }
     // The benchmark's own CPU, for the machine's whole account: during the peak its
     // receiver and publishers (and the completion checks) per 1,000 deliveries; during
     // the ceiling its bare client and receiver per 1,000 requests.
@@ -979,7 +1098,7 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         let phase = Phase::start(&service);
         let started = Instant::now();
         publish_all(&service, &org, plan.hang_events, 16).await?;
-        wait_until(Duration::from_secs(300), async || {
+        wait_until(Duration::from_secs(300), CHECK_EVERY, async || {
             receiver.total_below(100) >= expected
         })
         .await?;
