@@ -112,6 +112,25 @@ fn policy() -> DeliveryPolicy {
 }
 
 #[tokio::test]
+async fn a_claimed_delivery_carries_what_was_published() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    let claimed = claim(&store, 5, 1_000).await;
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+    // Every field the claim reads (by position: a column out of place shows here).
+    assert_eq!(c.tenant, tenant);
+    assert_eq!(c.webhook_id, webhook);
+    assert_eq!(c.url, "https://example.com/hook");
+    assert_eq!(c.event_id, "e1");
+    assert_eq!(c.event_created_at, 1);
+    assert_eq!(c.payload.as_ref(), b"{}");
+    assert_eq!(c.attempts_made, 0);
+    assert_eq!(c.secrets.current, vec![1, 2, 3]);
+    assert!(c.secrets.previous.is_none());
+    assert!(c.delivery_id.to_string().starts_with("dlv-"));
+}
+
+#[tokio::test]
 async fn a_stale_report_is_logged_but_decides_nothing() {
     let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
     let claimed = claim(&store, 5, 1_000).await;

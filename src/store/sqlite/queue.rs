@@ -245,7 +245,9 @@ pub(super) fn claim(
     }
     drop(rows);
     // Then what the attempts need, for the picked rows (of active webhooks: the same
-    // transaction's candidates).
+    // transaction's candidates). Read by position (`claimed_from_row`): a lookup by name
+    // compares the names each time, a twelfth of a claim's instructions (BENCHMARKS.md,
+    // step 33).
     let mut detail = conn.prepare_cached(
         "SELECT d.id, d.organization_id, d.environment, d.attempt_count, d.event_seq, \
            e.id AS event_id, e.created_at AS event_created_at, \
@@ -263,7 +265,7 @@ pub(super) fn claim(
     for (rowid, webhook) in &picked {
         let mut rows = detail.query([rowid])?;
         if let Some(row) = rows.next()? {
-            let seq: i64 = row.get("event_seq")?;
+            let seq: i64 = row.get(4)?;
             let body = match payloads.get(&seq) {
                 Some(body) => body.clone(),
                 None => {
@@ -296,11 +298,14 @@ fn claimed_from_row(
     payload: bytes::Bytes,
     lease_until: EpochMillis,
 ) -> StoreResult<ClaimedDelivery> {
-    let id: String = row.get("id")?;
+    // The columns of `claim`'s detail query, in its order: d.id 0, d.organization_id 1,
+    // d.environment 2, d.attempt_count 3, d.event_seq 4, e.id 5, e.created_at 6, w.url 7,
+    // and the secrets 8–10.
+    let id: String = row.get(0)?;
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
-    let org: String = row.get("organization_id")?;
-    let env: String = row.get("environment")?;
-    let attempts: i64 = row.get("attempt_count")?;
+    let org: String = row.get(1)?;
+    let env: String = row.get(2)?;
+    let attempts: i64 = row.get(3)?;
     Ok(ClaimedDelivery {
         delivery_id: id.parse().map_err(|_| corrupt("id"))?,
         tenant: Tenant {
@@ -308,11 +313,10 @@ fn claimed_from_row(
             environment: env.parse().map_err(|_| corrupt("environment"))?,
         },
         webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
-        url: row.get("url")?,
-        // `w.secret`, `w.previous_secret`, `w.previous_secret_expires_at`: the last three.
+        url: row.get(7)?,
         secrets: sealed_from_row(row, 8)?,
-        event_id: row.get("event_id")?,
-        event_created_at: row.get("event_created_at")?,
+        event_id: row.get(5)?,
+        event_created_at: row.get(6)?,
         payload,
         attempts_made: u32::try_from(attempts).unwrap_or(0),
         lease_until,
