@@ -131,6 +131,37 @@ async fn a_claimed_delivery_carries_what_was_published() {
 }
 
 #[tokio::test]
+async fn a_claim_reads_each_event_and_webhook_once_and_gives_each_delivery_its_own() {
+    let (_dir, store, tenant, first) = store_with_one_delivery().await;
+    let second = add_webhook(&store, tenant, "https://example.com/other", 0).await;
+    publish(&store, tenant, &event("e2", 2), None).await;
+    // e1 went to the first webhook only (the second came later); e2 to both.
+    let mut claimed = claim(&store, 5, 1_000).await;
+    claimed.sort_by_key(|c| (c.event_id.clone(), c.url.clone()));
+    let seen: Vec<(&str, i64, &str, WebhookId)> = claimed
+        .iter()
+        .map(|c| {
+            (
+                c.event_id.as_str(),
+                c.event_created_at,
+                c.url.as_str(),
+                c.webhook_id,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("e1", 1, "https://example.com/hook", first),
+            ("e2", 2, "https://example.com/hook", first),
+            ("e2", 2, "https://example.com/other", second),
+        ]
+    );
+    let ids: std::collections::HashSet<_> = claimed.iter().map(|c| c.delivery_id).collect();
+    assert_eq!(ids.len(), 3);
+}
+
+#[tokio::test]
 async fn a_stale_report_is_logged_but_decides_nothing() {
     let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
     let claimed = claim(&store, 5, 1_000).await;

@@ -440,9 +440,10 @@ impl Store for SqliteStore {
                     tenant.environment.as_str(),
                     id.to_string()
                 ])?;
-                rows.next()?
+                Ok(rows
+                    .next()?
                     .map(|row| queue::sealed_from_row(row, 0))
-                    .transpose()
+                    .transpose()?)
             })
             .await
     }

@@ -6,6 +6,7 @@
 //! together.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -176,7 +177,7 @@ fn insert_attempt_with(
 
 /// The sealed secrets of a row that has `secret`, `previous_secret` and
 /// `previous_secret_expires_at` in this order, the first at `column`.
-pub(super) fn sealed_from_row(row: &Row, column: usize) -> StoreResult<SealedSecrets> {
+pub(super) fn sealed_from_row(row: &Row, column: usize) -> rusqlite::Result<SealedSecrets> {
     let previous: Option<Vec<u8>> = row.get(column + 1)?;
     let expires: Option<i64> = row.get(column + 2)?;
     Ok(SealedSecrets {
@@ -245,39 +246,79 @@ pub(super) fn claim(
     }
     drop(rows);
     // Then what the attempts need, for the picked rows (of active webhooks: the same
-    // transaction's candidates). Read by position (`claimed_from_row`): a lookup by name
-    // compares the names each time, a twelfth of a claim's instructions (BENCHMARKS.md,
-    // step 33).
+    // transaction's candidates): each row's own columns, and each event and each webhook
+    // once per claim, shared by their deliveries (a claim takes many deliveries of a few
+    // events and fewer webhooks; joined to every row, they were read again for each:
+    // BENCHMARKS.md, step 33). Columns are read by position: a lookup by name compares
+    // the names each time.
     let mut detail = conn.prepare_cached(
-        "SELECT d.id, d.organization_id, d.environment, d.attempt_count, d.event_seq, \
-           e.id AS event_id, e.created_at AS event_created_at, \
-           w.url, w.secret, w.previous_secret, w.previous_secret_expires_at \
-         FROM deliveries d \
-         JOIN events e ON e.seq = d.event_seq \
-         JOIN webhooks w ON w.id = d.webhook_id \
-         WHERE d.rowid = ?1",
+        "SELECT id, organization_id, environment, attempt_count, event_seq \
+         FROM deliveries WHERE rowid = ?1",
     )?;
-    // An event's payload is read once per claim and shared by its deliveries.
-    let mut payload = conn.prepare_cached("SELECT payload FROM events WHERE seq = ?")?;
-    let mut payloads: HashMap<i64, bytes::Bytes> = HashMap::new();
+    let mut event_detail =
+        conn.prepare_cached("SELECT id, created_at, payload FROM events WHERE seq = ?1")?;
+    let mut webhook_detail = conn.prepare_cached(
+        "SELECT url, secret, previous_secret, previous_secret_expires_at \
+         FROM webhooks WHERE id = ?1",
+    )?;
+    let mut events: HashMap<i64, Option<ClaimedEvent>> = HashMap::new();
+    let mut endpoints: HashMap<&str, Option<Endpoint>> = HashMap::new();
     let mut claimed: Vec<ClaimedDelivery> = Vec::with_capacity(picked.len());
     let mut leased: Vec<i64> = Vec::with_capacity(picked.len());
     for (rowid, webhook) in &picked {
-        let mut rows = detail.query([rowid])?;
-        if let Some(row) = rows.next()? {
-            let seq: i64 = row.get(4)?;
-            let body = match payloads.get(&seq) {
-                Some(body) => body.clone(),
-                None => {
-                    let body: Vec<u8> = payload.query_row([seq], |r| r.get(0))?;
-                    let body = bytes::Bytes::from(body);
-                    payloads.insert(seq, body.clone());
-                    body
-                }
-            };
-            claimed.push(claimed_from_row(row, webhook, body, lease_until)?);
-            leased.push(*rowid);
-        }
+        let Some(row) = detail
+            .query_row([rowid], |r| {
+                Ok(DeliveryRow {
+                    id: r.get(0)?,
+                    organization_id: r.get(1)?,
+                    environment: r.get(2)?,
+                    attempt_count: r.get(3)?,
+                    event_seq: r.get(4)?,
+                })
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        let event = match events.entry(row.event_seq) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                event_detail
+                    .query_row([row.event_seq], |r| {
+                        Ok(ClaimedEvent {
+                            id: r.get(0)?,
+                            created_at: r.get(1)?,
+                            payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        })
+                    })
+                    .optional()?,
+            ),
+        };
+        let endpoint = match endpoints.entry(webhook.as_str()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                webhook_detail
+                    .query_row([webhook], |r| {
+                        Ok(Endpoint {
+                            url: r.get(0)?,
+                            secrets: sealed_from_row(r, 1)?,
+                        })
+                    })
+                    .optional()?,
+            ),
+        };
+        // Both exist (foreign keys); without them there is nothing to send.
+        let (Some(event), Some(endpoint)) = (event.as_ref(), endpoint.as_ref()) else {
+            continue;
+        };
+        claimed.push(claimed_delivery(
+            row,
+            webhook,
+            event,
+            endpoint,
+            lease_until,
+        )?);
+        leased.push(*rowid);
     }
     // A leased delivery is due again when its lease ends: if its attempt never reports,
     // the next claim takes it then, and until then it is not in the way of the claims
@@ -292,33 +333,56 @@ pub(super) fn claim(
     Ok(claimed)
 }
 
-fn claimed_from_row(
-    row: &Row,
-    webhook: &str,
+/// A claimed delivery's own columns.
+struct DeliveryRow {
+    id: String,
+    organization_id: String,
+    environment: String,
+    attempt_count: i64,
+    event_seq: i64,
+}
+
+/// What a claim reads once per event.
+struct ClaimedEvent {
+    id: String,
+    created_at: EpochMillis,
     payload: bytes::Bytes,
+}
+
+/// What a claim reads once per webhook.
+struct Endpoint {
+    url: String,
+    secrets: SealedSecrets,
+}
+
+fn claimed_delivery(
+    row: DeliveryRow,
+    webhook: &str,
+    event: &ClaimedEvent,
+    endpoint: &Endpoint,
     lease_until: EpochMillis,
 ) -> StoreResult<ClaimedDelivery> {
-    // The columns of `claim`'s detail query, in its order: d.id 0, d.organization_id 1,
-    // d.environment 2, d.attempt_count 3, d.event_seq 4, e.id 5, e.created_at 6, w.url 7,
-    // and the secrets 8–10.
-    let id: String = row.get(0)?;
+    let id = row.id;
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
-    let org: String = row.get(1)?;
-    let env: String = row.get(2)?;
-    let attempts: i64 = row.get(3)?;
     Ok(ClaimedDelivery {
         delivery_id: id.parse().map_err(|_| corrupt("id"))?,
         tenant: Tenant {
-            organization_id: org.parse().map_err(|_| corrupt("organization"))?,
-            environment: env.parse().map_err(|_| corrupt("environment"))?,
+            organization_id: row
+                .organization_id
+                .parse()
+                .map_err(|_| corrupt("organization"))?,
+            environment: row
+                .environment
+                .parse()
+                .map_err(|_| corrupt("environment"))?,
         },
         webhook_id: webhook.parse().map_err(|_| corrupt("webhook"))?,
-        url: row.get(7)?,
-        secrets: sealed_from_row(row, 8)?,
-        event_id: row.get(5)?,
-        event_created_at: row.get(6)?,
-        payload,
-        attempts_made: u32::try_from(attempts).unwrap_or(0),
+        url: endpoint.url.clone(),
+        secrets: endpoint.secrets.clone(),
+        event_id: event.id.clone(),
+        event_created_at: event.created_at,
+        payload: event.payload.clone(),
+        attempts_made: u32::try_from(row.attempt_count).unwrap_or(0),
         lease_until,
     })
 }
