@@ -131,7 +131,7 @@ async fn a_claimed_delivery_carries_what_was_published() {
 }
 
 #[tokio::test]
-async fn a_claim_reads_each_event_and_webhook_once_and_gives_each_delivery_its_own() {
+async fn a_claim_of_several_events_and_webhooks_gives_each_delivery_its_own() {
     let (_dir, store, tenant, first) = store_with_one_delivery().await;
     let second = add_webhook(&store, tenant, "https://example.com/other", 0).await;
     publish(&store, tenant, &event("e2", 2), None).await;
