@@ -317,7 +317,7 @@ impl Service {
             .port();
         let exe = std::env::current_exe()?;
         let mut command = match &ctx.callgrind {
-            // Counting starts at each e2e peak (`Service::count_instructions`).
+            // Counting starts at each e2e peak (`Service::start_counting`).
             Some(dir) => {
                 let mut command = Command::new("valgrind");
                 command
@@ -397,30 +397,36 @@ impl Service {
         self.child.id()
     }
 
-    /// Under callgrind, turns the counting of instructions on (`true`: from zero), or off
-    /// and returns what was counted since it was turned on; without callgrind, `None`.
-    fn count_instructions(&self, on: bool) -> anyhow::Result<Option<f64>> {
+    /// Under callgrind, counts instructions from zero (until `stop_counting`).
+    fn start_counting(&self) -> anyhow::Result<()> {
+        if self.callgrind.is_some() {
+            self.callgrind_control(&["--zero"])?;
+            self.callgrind_control(&["--instr=on"])?;
+        }
+        Ok(())
+    }
+
+    /// Under callgrind, stops counting and returns the instructions counted since
+    /// `start_counting`; without callgrind, `None`.
+    fn stop_counting(&self) -> anyhow::Result<Option<f64>> {
         if self.callgrind.is_none() {
             return Ok(None);
         }
-        let control = |args: &[&str]| -> anyhow::Result<()> {
-            let status = Command::new("callgrind_control")
-                .args(args)
-                .arg(self.pid().to_string())
-                .stdout(Stdio::null())
-                .status()
-                .context("running callgrind_control")?;
-            anyhow::ensure!(status.success(), "callgrind_control {args:?}: {status}");
-            Ok(())
-        };
-        if on {
-            control(&["--zero"])?;
-            control(&["--instr=on"])?;
-            return Ok(None);
-        }
-        control(&["--instr=off"])?;
-        control(&["--dump"])?;
+        self.callgrind_control(&["--instr=off"])?;
+        self.callgrind_control(&["--dump"])?;
         Ok(Some(self.last_dump_total()?))
+    }
+
+    /// Runs `callgrind_control` with `args` on the service.
+    fn callgrind_control(&self, args: &[&str]) -> anyhow::Result<()> {
+        let status = Command::new("callgrind_control")
+            .args(args)
+            .arg(self.pid().to_string())
+            .stdout(Stdio::null())
+            .status()
+            .context("running callgrind_control")?;
+        anyhow::ensure!(status.success(), "callgrind_control {args:?}: {status}");
+        Ok(())
     }
 
     /// The instructions counted in the service's newest callgrind dump (its `totals:`
@@ -568,12 +574,9 @@ impl Service {
             )
             .unwrap_or(0.0)
         };
-        let all = started("publish") + started("claim") + started("retry");
-        Ok(if all > 0.0 {
-            started("claim") / all
-        } else {
-            0.0
-        })
+        let claim = started("claim");
+        let all = started("publish") + claim + started("retry");
+        Ok(if all > 0.0 { claim / all } else { 0.0 })
     }
 }
 
@@ -875,7 +878,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
 
     // Peak: publish a burst, time until every delivery is received and recorded.
     receiver.reset();
-    service.count_instructions(true)?;
+    service.start_counting()?;
     let phase = Phase::start(&service);
     let started = Instant::now();
     let connections_before = receiver.connections.load(Ordering::Relaxed);
@@ -898,7 +901,7 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     let elapsed = started.elapsed().as_secs_f64();
     let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
     let peak = phase.end(&service);
-    let instructions = service.count_instructions(false)?;
+    let instructions = service.stop_counting()?;
     let deliveries_per_s = expected as f64 / elapsed;
     let claimed_share = service.claimed_share().await?;
 
