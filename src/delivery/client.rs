@@ -313,10 +313,7 @@ impl GuardedClient {
             .enable_http2()
             .wrap_connector(tcp);
         let endpoints = Endpoints::default();
-        let connector = Counting {
-            inner: connector,
-            endpoints: endpoints.clone(),
-        };
+        let connector = Counting::new(connector, endpoints.clone());
         // hyper-util's pooled client: keep-alive per endpoint, HTTP/2 when the receiver
         // offers it (ALPN), no redirects, no proxy, no decompression.
         let http = Client::builder(TokioExecutor::new())

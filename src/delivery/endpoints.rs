@@ -160,17 +160,35 @@ impl Endpoints {
 }
 
 /// The client's connector, counting the connections it opens per endpoint.
-#[derive(Clone)]
-pub(super) struct Counting<C> {
-    pub(super) inner: C,
-    pub(super) endpoints: Endpoints,
+///
+/// Shared behind one `Arc`: hyper-util's client clones its connector twice per request
+/// (with the client itself, and for the connect it keeps ready in case no pooled
+/// connection is free), although almost every request finds one. The connector inside is
+/// cloned only when a connection is really opened.
+pub(super) struct Counting<C>(Arc<CountingParts<C>>);
+
+struct CountingParts<C> {
+    inner: C,
+    endpoints: Endpoints,
+}
+
+impl<C> Counting<C> {
+    pub(super) fn new(inner: C, endpoints: Endpoints) -> Self {
+        Self(Arc::new(CountingParts { inner, endpoints }))
+    }
+}
+
+impl<C> Clone for Counting<C> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
 }
 
 type Connecting<T, E> = Pin<Box<dyn Future<Output = Result<Tracked<T>, E>> + Send>>;
 
 impl<C> tower_service::Service<Uri> for Counting<C>
 where
-    C: tower_service::Service<Uri>,
+    C: tower_service::Service<Uri> + Clone + Send + 'static,
     C::Future: Send + 'static,
     C::Response: Connection + Send + 'static,
 {
@@ -178,15 +196,18 @@ where
     type Error = C::Error;
     type Future = Connecting<C::Response, C::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the readiness that counts is that of the connector's own clone,
+    /// asked for in `call` before it connects.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let endpoint = self.endpoints.get(&uri);
-        let connecting = self.inner.call(uri);
+        let endpoint = self.0.endpoints.get(&uri);
+        let mut inner = self.0.inner.clone();
         Box::pin(async move {
-            let io = connecting.await?;
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            let io = inner.call(uri).await?;
             endpoint.live.fetch_add(1, Ordering::AcqRel);
             if !io.connected().is_negotiated_h2() {
                 endpoint.share();
