@@ -100,6 +100,7 @@ impl Finished {
         Finished {
             report: AttemptReport {
                 delivery_id: delivery.delivery_id,
+                row: delivery.row,
                 webhook_id: delivery.webhook_id,
                 succeeded: false,
                 gone: false,
@@ -1020,6 +1021,7 @@ impl Engine {
         Finished {
             report: AttemptReport {
                 delivery_id: delivery.delivery_id,
+                row: delivery.row,
                 webhook_id: delivery.webhook_id,
                 succeeded: outcome.succeeded(),
                 gone: outcome.status == Some(410),
@@ -1180,6 +1182,7 @@ mod tests {
         Queued {
             delivery: ClaimedDelivery {
                 delivery_id: DeliveryId::new(),
+                row: crate::store::RowKey::default(),
                 tenant: Tenant {
                     organization_id: OrganizationId::new(),
                     environment: Environment::Live,

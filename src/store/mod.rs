@@ -229,6 +229,8 @@ impl ClaimRoom {
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery_id: DeliveryId,
+    /// Where the store keeps it (see [`RowKey`]).
+    pub row: RowKey,
     pub tenant: Tenant,
     pub webhook_id: WebhookId,
     pub url: String,
@@ -242,10 +244,19 @@ pub struct ClaimedDelivery {
     pub lease_until: EpochMillis,
 }
 
+/// The store's own key for a delivery's row (SQLite's rowid), carried from the publish
+/// or claim to the record of its attempt, so that the record finds the row without a
+/// search of the id index (BENCHMARKS.md, step 34). It means nothing outside the store
+/// that gave it, and the record still checks the delivery's id on the row it finds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowKey(pub(crate) i64);
+
 /// The outcome of one attempt, to record.
 #[derive(Debug, Clone)]
 pub struct AttemptReport {
     pub delivery_id: DeliveryId,
+    /// The claimed delivery's [`RowKey`].
+    pub row: RowKey,
     pub webhook_id: WebhookId,
     pub attempt: AttemptRecord,
     pub succeeded: bool,

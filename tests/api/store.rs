@@ -87,6 +87,7 @@ fn event(id: impl Into<String>, created_at: i64) -> NewEvent {
 fn report(claimed: &ClaimedDelivery, succeeded: bool, lease_until: i64) -> AttemptReport {
     AttemptReport {
         delivery_id: claimed.delivery_id,
+        row: claimed.row,
         webhook_id: claimed.webhook_id,
         attempt: AttemptRecord {
             attempted_at: 10,
@@ -209,6 +210,40 @@ async fn a_stale_report_is_logged_but_decides_nothing() {
         view.attempt_count, 1,
         "only the current claim's attempt counts"
     );
+}
+
+#[tokio::test]
+async fn a_report_whose_row_key_holds_another_delivery_decides_only_its_own() {
+    let (_dir, store, tenant, webhook) = store_with_one_delivery().await;
+    publish(&store, tenant, &event("e2", 2), None).await;
+    let claimed = claim(&store, 5, 1_000).await;
+    assert_eq!(claimed.len(), 2);
+    let (a, b) = (&claimed[0], &claimed[1]);
+    assert_ne!(a.row, b.row);
+    // Each report carries the other's row key, as after the rows were renumbered: the
+    // success is still its own delivery's, and the failure too.
+    let mut success = report(a, true, a.lease_until);
+    success.row = b.row;
+    let mut failure = report(b, false, b.lease_until);
+    failure.row = a.row;
+    let statuses = store
+        .record_attempts(&[success, failure], &policy(), 10)
+        .await
+        .expect("record");
+    assert_eq!(
+        statuses,
+        vec![DeliveryStatus::Succeeded, DeliveryStatus::Pending]
+    );
+    for (delivery, status) in [(a, DeliveryStatus::Succeeded), (b, DeliveryStatus::Pending)] {
+        let (view, attempts) = store
+            .get_delivery(tenant, webhook, delivery.delivery_id)
+            .await
+            .expect("get")
+            .expect("delivery");
+        assert_eq!(view.status, status, "{}", delivery.event_id);
+        assert_eq!(view.attempt_count, 1);
+        assert_eq!(attempts.len(), 1);
+    }
 }
 
 /// Claims the one delivery, reports it unsent for `why` at `now`, and checks that it is

@@ -17,7 +17,7 @@ use crate::domain::retry::should_disable;
 use crate::domain::time::EpochMillis;
 use crate::store::{
     AttemptRecord, AttemptReport, ClaimRoom, ClaimedDelivery, DeliveryPolicy, DeliveryStatus,
-    Handover, NewEvent, Published, SealedSecrets, StoreError, StoreResult, Tenant, Unsent,
+    Handover, NewEvent, Published, RowKey, SealedSecrets, StoreError, StoreResult, Tenant, Unsent,
 };
 
 /// When a delivery could not be attempted through a fault of ours, it is tried again
@@ -124,6 +124,7 @@ pub(super) fn publish(
         if let Some((webhook_id, lease_until)) = taken {
             handed.push(ClaimedDelivery {
                 delivery_id,
+                row: RowKey(conn.last_insert_rowid()),
                 tenant,
                 webhook_id,
                 url: row.get(3)?,
@@ -313,6 +314,7 @@ pub(super) fn claim(
         };
         claimed.push(claimed_delivery(
             row,
+            *rowid,
             webhook,
             event,
             endpoint,
@@ -357,6 +359,7 @@ struct Endpoint {
 
 fn claimed_delivery(
     row: DeliveryRow,
+    rowid: i64,
     webhook: &str,
     event: &ClaimedEvent,
     endpoint: &Endpoint,
@@ -366,6 +369,7 @@ fn claimed_delivery(
     let corrupt = |what: &str| StoreError::Corrupt(format!("delivery {id}: {what}"));
     Ok(ClaimedDelivery {
         delivery_id: id.parse().map_err(|_| corrupt("id"))?,
+        row: RowKey(rowid),
         tenant: Tenant {
             organization_id: row
                 .organization_id
@@ -408,18 +412,20 @@ pub(super) fn record(
     let mut standing: Vec<Option<DeliveryStatus>> = vec![None; reports.len()];
 
     // Successes (the common case) in one statement each: the delivery is done if the
-    // lease is still this attempt's.
+    // lease is still this attempt's. Found by its row key, without a search of the id
+    // index, and the id checked on the row (a key that no longer holds the delivery
+    // finds nothing, and the report takes the careful path below).
     let mut succeed = conn.prepare_cached(
         "UPDATE deliveries SET status = 'succeeded', attempt_count = attempt_count + 1, \
            lease_until = NULL, next_attempt_at = NULL, updated_at = ?1 \
-         WHERE id = ?2 AND status = 'pending' AND lease_until = ?3",
+         WHERE rowid = ?4 AND id = ?2 AND status = 'pending' AND lease_until = ?3",
     )?;
     let mut lookup =
         conn.prepare_cached("SELECT status, lease_until FROM deliveries WHERE id = ?")?;
     for (i, r) in reports.iter().enumerate() {
         if r.succeeded
             && r.unsent.is_none()
-            && succeed.execute(params![now, ids[i], r.lease_until])? == 1
+            && succeed.execute(params![now, ids[i], r.lease_until, r.row.0])? == 1
         {
             exists[i] = true;
             current[i] = true;
@@ -433,6 +439,22 @@ pub(super) fn record(
             exists[i] = true;
             current[i] = status == "pending" && lease == Some(r.lease_until);
             standing[i] = DeliveryStatus::parse(&status);
+            // A current success whose row key missed (the rows were renumbered, as a
+            // VACUUM may do): done all the same, found by its id.
+            if current[i]
+                && r.succeeded
+                && r.unsent.is_none()
+                && conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'succeeded', \
+                           attempt_count = attempt_count + 1, lease_until = NULL, \
+                           next_attempt_at = NULL, updated_at = ?1 WHERE id = ?2",
+                    )?
+                    .execute(params![now, ids[i]])?
+                    == 1
+            {
+                decided[i] = Some(DeliveryStatus::Succeeded);
+            }
         }
     }
     // Every attempt that was sent, stale ones included.
