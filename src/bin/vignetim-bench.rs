@@ -63,6 +63,10 @@ struct Args {
     /// --quick.
     #[arg(long)]
     e2e_events: Option<usize>,
+    /// Events in the e2e warm-up burst, sent and recorded before the measured peak (0: the
+    /// peak meets a cold service); default as many as the peak's.
+    #[arg(long)]
+    e2e_warmup_events: Option<usize>,
     /// Events in each hang10 burst (each goes to 9 healthy webhooks and the hanging one);
     /// default 3,000, 1,000 with --quick.
     #[arg(long)]
@@ -111,6 +115,7 @@ struct Plan {
     api_secs: u64,
     publish_secs: u64,
     e2e_events: usize,
+    e2e_warmup_events: usize,
     latency_secs: u64,
     hang_events: usize,
     publishers: usize,
@@ -131,6 +136,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             api_secs: 3,
             publish_secs: 3,
             e2e_events: args.e2e_events.unwrap_or(1_000),
+            e2e_warmup_events: args
+                .e2e_warmup_events
+                .unwrap_or(args.e2e_events.unwrap_or(1_000)),
             latency_secs: 5,
             hang_events: args.hang_events.unwrap_or(1_000),
             publishers: usize::from(args.publishers),
@@ -142,6 +150,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             api_secs: 8,
             publish_secs: 8,
             e2e_events: args.e2e_events.unwrap_or(3_000),
+            e2e_warmup_events: args
+                .e2e_warmup_events
+                .unwrap_or(args.e2e_events.unwrap_or(3_000)),
             latency_secs: 15,
             hang_events: args.hang_events.unwrap_or(3_000),
             publishers: usize::from(args.publishers),
@@ -562,10 +573,9 @@ impl Service {
         Ok(sample(&metrics, r#"vignetim_deliveries{status="succeeded"}"#).map_or(0, |n| n as u64))
     }
 
-    /// The share of the deliveries the engine took on so far that it claimed from the
-    /// database for their first attempt, rather than taking them from their publish
-    /// (`vignetim_deliveries_started_total`): the deliveries that went the longer way.
-    async fn claimed_share(&self) -> anyhow::Result<f64> {
+    /// The deliveries the engine took on so far, by the way they came
+    /// (`vignetim_deliveries_started_total`).
+    async fn started(&self) -> anyhow::Result<Started> {
         let metrics = self.metrics().await?;
         let started = |via: &str| {
             sample(
@@ -574,9 +584,31 @@ impl Service {
             )
             .unwrap_or(0.0)
         };
-        let claim = started("claim");
-        let all = started("publish") + claim + started("retry");
-        Ok(if all > 0.0 { claim / all } else { 0.0 })
+        Ok(Started {
+            claim: started("claim"),
+            all: started("publish") + started("claim") + started("retry"),
+        })
+    }
+}
+
+/// Deliveries the engine took on: claimed from the database for their first attempt,
+/// and in all.
+#[derive(Default)]
+struct Started {
+    claim: f64,
+    all: f64,
+}
+
+impl Started {
+    /// The share of the deliveries taken on since `before` that were claimed from the
+    /// database rather than taken from their publish: those that went the longer way.
+    fn claimed_share_since(&self, before: &Started) -> f64 {
+        let all = self.all - before.all;
+        if all > 0.0 {
+            (self.claim - before.claim) / all
+        } else {
+            0.0
+        }
     }
 }
 
@@ -876,34 +908,38 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
         connections: ceiling_connections,
     } = best.context("no ceiling try")?;
 
-    // Peak: publish a burst, time until every delivery is received and recorded.
-    receiver.reset();
-    service.start_counting()?;
-    let phase = Phase::start(&service);
-    let started = Instant::now();
-    let connections_before = receiver.connections.load(Ordering::Relaxed);
-    publish_all(&service, &org, plan.e2e_events, plan.publishers).await?;
-    let svc = Arc::clone(&service);
-    wait_until(Duration::from_secs(300), CHECK_EVERY, async || {
-        receiver.total() >= expected
-    })
-    .await?;
-    // Each check is a request to the service: under callgrind, fewer of them.
-    let every = if service.callgrind.is_some() {
-        Duration::from_millis(100)
+    // Warm-up: a first burst meets a cold service, which faults in its memory, opens its
+    // connection and learns each webhook's pace while the burst runs; a sustained rate
+    // is a warm service's (BENCHMARKS.md, item 38). Its rate is reported as
+    // `warmup_deliveries_per_s`. Then the service is left to finish its checkpoints.
+    let warmup = if plan.e2e_warmup_events > 0 {
+        let warmup = burst(
+            &service,
+            receiver,
+            &org,
+            plan.e2e_warmup_events,
+            plan.publishers,
+        )
+        .await?;
+        until_quiet(&service).await;
+        Some(warmup)
     } else {
-        CHECK_EVERY
+        None
     };
-    wait_until(Duration::from_secs(300), every, async || {
-        svc.succeeded().await.unwrap_or(0) >= expected
-    })
-    .await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let connections = receiver.connections.load(Ordering::Relaxed) - connections_before;
-    let peak = phase.end(&service);
+
+    // Peak: publish a burst, time until every delivery is received and recorded.
+    let started_before = service.started().await?;
+    service.start_counting()?;
+    let peak = burst(&service, receiver, &org, plan.e2e_events, plan.publishers).await?;
     let instructions = service.stop_counting()?;
+    // The TLS connections the service opened in both bursts: one, at the warm-up's start.
+    let connections = peak.connections + warmup.as_ref().map_or(0, |w| w.connections);
+    let (elapsed, peak) = (peak.elapsed, peak.spent);
     let deliveries_per_s = expected as f64 / elapsed;
-    let claimed_share = service.claimed_share().await?;
+    let claimed_share = service
+        .started()
+        .await?
+        .claimed_share_since(&started_before);
 
     // Latency at half the peak rate.
     let rate = (plan.latency_rate.unwrap_or(deliveries_per_s / 2.0) / WEBHOOKS as f64).max(1.0);
@@ -943,8 +979,18 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     figures.insert("ceiling_per_s".into(), ceiling_per_s);
     figures.insert("ceiling_lowest_try_per_s".into(), lowest_per_s);
     figures.insert("ratio".into(), deliveries_per_s / ceiling_per_s);
-    // TLS connections the receiver accepted: the service's during the peak, the bare
-    // client's during the ceiling (one each: HTTP/2 carries every request).
+    if let Some(warmup) = &warmup {
+        figures.insert(
+            "warmup_deliveries_per_s".into(),
+            (plan.e2e_warmup_events * WEBHOOKS) as f64 / warmup.elapsed,
+        );
+        figures.insert(
+            "warmup_cpu_s_per_1000".into(),
+            per_1000(warmup.spent.service, plan.e2e_warmup_events * WEBHOOKS),
+        );
+    }
+    // TLS connections the receiver accepted: the service's during the warm-up and the
+    // peak, the bare client's during the ceiling (one each: HTTP/2 carries every request).
     figures.insert("connections".into(), connections as f64);
     figures.insert("ceiling_connections".into(), ceiling_connections as f64);
     figures.insert("half_load_deliveries_per_s".into(), rate * WEBHOOKS as f64);
@@ -984,6 +1030,66 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
         ceiling_spent.others * ceiling_per_s / expected as f64,
     );
     Ok((figures, service.peak_rss_kib()))
+}
+
+/// One e2e burst: its time, the CPU it took, and the TLS connections the receiver
+/// accepted meanwhile.
+struct Burst {
+    elapsed: f64,
+    spent: Spent,
+    connections: u64,
+}
+
+/// Publishes `events` from `publishers` concurrent clients and waits until the receiver
+/// has every delivery **and** the service reports every one recorded as succeeded.
+async fn burst(
+    service: &Arc<Service>,
+    receiver: &Receiver,
+    org: &str,
+    events: usize,
+    publishers: usize,
+) -> anyhow::Result<Burst> {
+    let expected = (events * WEBHOOKS) as u64;
+    let succeeded_before = service.succeeded().await?;
+    receiver.reset();
+    let phase = Phase::start(service);
+    let started = Instant::now();
+    let connections_before = receiver.connections.load(Ordering::Relaxed);
+    publish_all(service, org, events, publishers).await?;
+    wait_until(Duration::from_secs(300), CHECK_EVERY, async || {
+        receiver.total() >= expected
+    })
+    .await?;
+    // Each check is a request to the service: under callgrind, fewer of them.
+    let every = if service.callgrind.is_some() {
+        Duration::from_millis(100)
+    } else {
+        CHECK_EVERY
+    };
+    wait_until(Duration::from_secs(300), every, async || {
+        service.succeeded().await.unwrap_or(0) >= succeeded_before + expected
+    })
+    .await?;
+    Ok(Burst {
+        elapsed: started.elapsed().as_secs_f64(),
+        connections: receiver.connections.load(Ordering::Relaxed) - connections_before,
+        spent: phase.end(service),
+    })
+}
+
+/// Waits (at most 5 s) until the service has used no CPU for 100 ms: its last
+/// checkpoints after a burst are done.
+async fn until_quiet(service: &Service) {
+    let start = Instant::now();
+    let mut last = service.cpu_seconds();
+    while start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = service.cpu_seconds();
+        if now - last < 0.005 {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// Ceiling tries per e2e repetition; the best counts.
@@ -1108,7 +1214,11 @@ async fn scenario_hang10(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<Str
         let rate = expected as f64 / started.elapsed().as_secs_f64() / 2.0;
         // Per healthy delivery; the hanging webhook's share of the work is in it.
         let cpu = per_1000(phase.end(&service).service, expected as usize) / 2.0;
-        let claimed = service.claimed_share().await? / 2.0;
+        let claimed = service
+            .started()
+            .await?
+            .claimed_share_since(&Started::default())
+            / 2.0;
         if with_hanging {
             with += rate;
             cpu_with += cpu;
