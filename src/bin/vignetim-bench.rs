@@ -173,8 +173,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     println!(
-        "vignetim-bench: {} cores, backend {}, {} repetition(s)",
+        "vignetim-bench: {} cores ({}), backend {}, {} repetition(s)",
         num_cpus(),
+        cpu_model(),
         args.backend,
         plan.repeat
     );
@@ -258,6 +259,19 @@ struct Ctx {
 
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The CPU's model name (`/proc/cpuinfo`): the shared host is not always the same kind of
+/// machine, and runs on different kinds do not compare (BENCHMARKS.md, "The machine").
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
 }
 
 fn median(values: &mut [f64]) -> f64 {
