@@ -115,7 +115,8 @@ struct Plan {
     api_secs: u64,
     publish_secs: u64,
     e2e_events: usize,
-    e2e_warmup_events: usize,
+    /// Events in the e2e warm-up burst; as many as the peak's when not given.
+    e2e_warmup_events: Option<usize>,
     latency_secs: u64,
     hang_events: usize,
     publishers: usize,
@@ -136,9 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             api_secs: 3,
             publish_secs: 3,
             e2e_events: args.e2e_events.unwrap_or(1_000),
-            e2e_warmup_events: args
-                .e2e_warmup_events
-                .unwrap_or(args.e2e_events.unwrap_or(1_000)),
+            e2e_warmup_events: args.e2e_warmup_events,
             latency_secs: 5,
             hang_events: args.hang_events.unwrap_or(1_000),
             publishers: usize::from(args.publishers),
@@ -150,9 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             api_secs: 8,
             publish_secs: 8,
             e2e_events: args.e2e_events.unwrap_or(3_000),
-            e2e_warmup_events: args
-                .e2e_warmup_events
-                .unwrap_or(args.e2e_events.unwrap_or(3_000)),
+            e2e_warmup_events: args.e2e_warmup_events,
             latency_secs: 15,
             hang_events: args.hang_events.unwrap_or(3_000),
             publishers: usize::from(args.publishers),
@@ -598,9 +595,10 @@ impl Service {
             )
             .unwrap_or(0.0)
         };
+        let claim = started("claim");
         Ok(Started {
-            claim: started("claim"),
-            all: started("publish") + started("claim") + started("retry"),
+            claim,
+            all: started("publish") + claim + started("retry"),
         })
     }
 }
@@ -926,15 +924,9 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     // connection and learns each webhook's pace while the burst runs; a sustained rate
     // is a warm service's (BENCHMARKS.md, item 38). Its rate is reported as
     // `warmup_deliveries_per_s`. Then the service is left to finish its checkpoints.
-    let warmup = if plan.e2e_warmup_events > 0 {
-        let warmup = burst(
-            &service,
-            receiver,
-            &org,
-            plan.e2e_warmup_events,
-            plan.publishers,
-        )
-        .await?;
+    let warmup_events = plan.e2e_warmup_events.unwrap_or(plan.e2e_events);
+    let warmup = if warmup_events > 0 {
+        let warmup = burst(&service, receiver, &org, warmup_events, plan.publishers).await?;
         until_quiet(&service).await;
         Some(warmup)
     } else {
@@ -996,11 +988,11 @@ async fn scenario_e2e(ctx: &Ctx, plan: &Plan) -> anyhow::Result<(BTreeMap<String
     if let Some(warmup) = &warmup {
         figures.insert(
             "warmup_deliveries_per_s".into(),
-            (plan.e2e_warmup_events * WEBHOOKS) as f64 / warmup.elapsed,
+            (warmup_events * WEBHOOKS) as f64 / warmup.elapsed,
         );
         figures.insert(
             "warmup_cpu_s_per_1000".into(),
-            per_1000(warmup.spent.service, plan.e2e_warmup_events * WEBHOOKS),
+            per_1000(warmup.spent.service, warmup_events * WEBHOOKS),
         );
     }
     // TLS connections the receiver accepted: the service's during the warm-up and the
