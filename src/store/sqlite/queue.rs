@@ -391,6 +391,19 @@ fn claimed_delivery(
     })
 }
 
+/// The `UPDATE` that makes a delivery succeeded (its attempt counted, its lease and due
+/// time cleared, `?1` the time), for the rows `condition` picks: one `SET` for both ways
+/// `record` finds a succeeded delivery.
+macro_rules! succeed_where {
+    ($condition:literal) => {
+        concat!(
+            "UPDATE deliveries SET status = 'succeeded', attempt_count = attempt_count + 1, \
+               lease_until = NULL, next_attempt_at = NULL, updated_at = ?1 WHERE ",
+            $condition
+        )
+    };
+}
+
 /// Records a batch of attempts and decides what comes next for each delivery and its
 /// webhook: successes (the common case) in a few cached statements, failures one by one
 /// on the careful path.
@@ -415,11 +428,9 @@ pub(super) fn record(
     // lease is still this attempt's. Found by its row key, without a search of the id
     // index, and the id checked on the row (a key that no longer holds the delivery
     // finds nothing, and the report takes the careful path below).
-    let mut succeed = conn.prepare_cached(
-        "UPDATE deliveries SET status = 'succeeded', attempt_count = attempt_count + 1, \
-           lease_until = NULL, next_attempt_at = NULL, updated_at = ?1 \
-         WHERE rowid = ?4 AND id = ?2 AND status = 'pending' AND lease_until = ?3",
-    )?;
+    let mut succeed = conn.prepare_cached(succeed_where!(
+        "rowid = ?4 AND id = ?2 AND status = 'pending' AND lease_until = ?3"
+    ))?;
     let mut lookup =
         conn.prepare_cached("SELECT status, lease_until FROM deliveries WHERE id = ?")?;
     for (i, r) in reports.iter().enumerate() {
@@ -445,11 +456,7 @@ pub(super) fn record(
                 && r.succeeded
                 && r.unsent.is_none()
                 && conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET status = 'succeeded', \
-                           attempt_count = attempt_count + 1, lease_until = NULL, \
-                           next_attempt_at = NULL, updated_at = ?1 WHERE id = ?2",
-                    )?
+                    .prepare_cached(succeed_where!("id = ?2"))?
                     .execute(params![now, ids[i]])?
                     == 1
             {
