@@ -236,7 +236,7 @@ type Connector = Counting<hyper_rustls::HttpsConnector<HttpConnector<GuardedReso
 /// See the module docs.
 #[derive(Clone)]
 pub struct GuardedClient {
-    http: Client<Connector, Full<Bytes>>,
+    http: Client<Connector, RequestBody>,
     allow: AllowList,
     timeout: Duration,
     targets: Arc<Mutex<HashMap<String, Target>>>,
@@ -381,13 +381,13 @@ impl GuardedClient {
     async fn exchange(
         &self,
         uri: Uri,
-        endpoint: &Endpoint,
+        endpoint: &Arc<Endpoint>,
         dispatch: Dispatch<'_>,
         deadline: tokio::time::Instant,
     ) -> Outcome {
         let started = Instant::now();
         // Held until the attempt ends, when this attempt is the one connecting.
-        let Ok(_connecting) = tokio::time::timeout_at(deadline, endpoint.turn()).await else {
+        let Ok(turn) = tokio::time::timeout_at(deadline, endpoint.turn()).await else {
             return Outcome::failed(
                 FailureClass::Timeout,
                 format!(
@@ -397,7 +397,9 @@ impl GuardedClient {
                 started.elapsed(),
             );
         };
-        let request = match signed_request(uri, dispatch) {
+        // The attempt that connects tells the endpoint when its request is taken.
+        let connecting = turn.as_ref().map(|_| Arc::clone(endpoint));
+        let request = match signed_request(uri, dispatch, connecting) {
             Ok(request) => request,
             Err(e) => {
                 return Outcome::failed(FailureClass::Connect, e.to_string(), started.elapsed());
@@ -466,8 +468,12 @@ impl GuardedClient {
 fn signed_request(
     uri: Uri,
     dispatch: Dispatch<'_>,
-) -> Result<Request<Full<Bytes>>, InvalidHeaderValue> {
-    let mut request = Request::new(Full::new(dispatch.body));
+    connecting: Option<Arc<Endpoint>>,
+) -> Result<Request<RequestBody>, InvalidHeaderValue> {
+    let mut request = Request::new(RequestBody {
+        bytes: Full::new(dispatch.body),
+        connecting,
+    });
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
@@ -481,6 +487,39 @@ fn signed_request(
         HeaderValue::try_from(dispatch.signature)?,
     );
     Ok(request)
+}
+
+/// A request's body: the stored bytes, and for the attempt that opens its endpoint's
+/// connection, the endpoint to tell when hyper's connection task takes the request.
+/// That task asks every request's body whether it is empty before anything else, and it
+/// only gets requests through a connection hyper-util has pooled: from then on the
+/// other attempts find the connection there (`endpoints`, module docs).
+struct RequestBody {
+    bytes: Full<Bytes>,
+    connecting: Option<Arc<Endpoint>>,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.bytes).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if let Some(endpoint) = &self.connecting {
+            endpoint.taken();
+        }
+        self.bytes.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.bytes.size_hint()
+    }
 }
 
 /// Maps a transport error to its failure class by walking the cause chain. The texts

@@ -14,14 +14,21 @@
 //! - over HTTP/1.1, as soon as it is open (the others cannot share it, and open their
 //!   own at once);
 //! - over HTTP/2, once the server has spoken on it (its first frames, its settings, come
-//!   one round trip after the handshake, whatever its handlers do; by then hyper-util,
-//!   which pools the connection right after its own handshake, has pooled it, and the
-//!   others share it), or once an answer has come over it, or [`SHARE_AFTER`] after it
-//!   opened, whichever is first. So an attempt that hangs, perhaps on another webhook's
-//!   path at the same host, holds the others up for a round trip, not for its timeout;
-//!   until step 31 they waited for an answer or the 50 ms, and in the benchmark's hang10
+//!   one round trip after the handshake, whatever its handlers do) or [`SHARE_AFTER`]
+//!   after it opened, whichever is first, **and** once hyper's connection task has taken
+//!   the connecting attempt's request ([`Endpoint::taken`]), which it only can once
+//!   hyper-util has pooled the connection, so that the others find it there; or once an
+//!   answer has come over it. So an attempt that hangs, perhaps on another webhook's path
+//!   at the same host, holds the others up for a round trip, not for its timeout; until
+//!   step 31 they waited for an answer or the 50 ms, and in the benchmark's hang10
 //!   scenario a hanging first attempt sent a third of the healthy webhooks' deliveries
-//!   through the database (BENCHMARKS.md, step 31).
+//!   through the database (BENCHMARKS.md, step 31). Until step 35 the server's first
+//!   frames alone let them go, on the assumption that hyper-util pools a connection
+//!   before they can arrive; but hyper-util waits for the connection task to be ready
+//!   before it pools, and a busy machine can let that task read the server's settings
+//!   first: the others would then find nothing pooled and each make its own handshake
+//!   (the likely cause of 60 connections in one burst under load: BENCHMARKS.md, item
+//!   40).
 //!
 //! An attempt that fails to connect lets the next one try.
 
@@ -47,6 +54,11 @@ pub(super) struct Endpoint {
     /// One of them can be used by any attempt (see the module docs); false again when
     /// none is open.
     shareable: AtomicBool,
+    /// The server has spoken on one of them, or one has been open [`SHARE_AFTER`].
+    heard: AtomicBool,
+    /// hyper's connection task has taken the connecting attempt's request: its
+    /// connection is pooled.
+    took: AtomicBool,
     /// Held by the one attempt that connects while no connection can be used.
     gate: Semaphore,
     /// Signalled when a connection becomes shareable.
@@ -63,6 +75,8 @@ impl Endpoint {
         Endpoint {
             live: AtomicUsize::new(0),
             shareable: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
+            took: AtomicBool::new(false),
             gate: Semaphore::new(1),
             shared: Notify::new(),
         }
@@ -106,6 +120,22 @@ impl Endpoint {
     /// An answer came over one of its connections: it can be shared.
     pub(super) fn answered(&self) {
         if !self.shareable.load(Ordering::Relaxed) {
+            self.share();
+        }
+    }
+
+    /// hyper's connection task has taken the connecting attempt's request (it asks the
+    /// body whether it is empty as it does): the connection is in hyper-util's pool.
+    pub(super) fn taken(&self) {
+        if !self.took.swap(true, Ordering::AcqRel) && self.heard.load(Ordering::Acquire) {
+            self.share();
+        }
+    }
+
+    /// The server has spoken on an HTTP/2 connection, or one has been open for
+    /// [`SHARE_AFTER`].
+    fn hear(&self) {
+        if !self.heard.swap(true, Ordering::AcqRel) && self.took.load(Ordering::Acquire) {
             self.share();
         }
     }
@@ -216,7 +246,7 @@ where
                 tokio::spawn(async move {
                     tokio::time::sleep(SHARE_AFTER).await;
                     if endpoint.live.load(Ordering::Acquire) > 0 {
-                        endpoint.share();
+                        endpoint.hear();
                     }
                 });
             }
@@ -240,6 +270,8 @@ impl<T> Drop for Tracked<T> {
         if self.endpoint.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The next attempt connects first again.
             self.endpoint.shareable.store(false, Ordering::Release);
+            self.endpoint.heard.store(false, Ordering::Release);
+            self.endpoint.took.store(false, Ordering::Release);
         }
     }
 }
@@ -260,7 +292,7 @@ impl<T: Read + Unpin> Read for Tracked<T> {
         // The server has spoken (or closed: either way waiting longer tells nothing).
         if !self.told && matches!(read, Poll::Ready(Ok(()))) {
             self.told = true;
-            self.endpoint.answered();
+            self.endpoint.hear();
         }
         read
     }
@@ -320,7 +352,35 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(buf.filled(), b"settings");
+        // Heard, but the connecting attempt's request not yet taken: the connection may
+        // not be pooled yet, and the others would each open their own.
+        assert!(!endpoint.ready());
+        endpoint.taken();
         // No answer yet, and long before `SHARE_AFTER`: the others may go.
+        assert!(endpoint.ready());
+    }
+
+    #[test]
+    fn a_request_taken_before_the_server_speaks_waits_for_it_and_an_answer_for_nothing() {
+        let endpoint = Endpoint::new();
+        endpoint.live.fetch_add(1, Ordering::AcqRel);
+        endpoint.taken();
+        assert!(!endpoint.ready());
+        endpoint.hear();
+        assert!(endpoint.ready());
+
+        // Once the last connection is gone, the next one starts from nothing; an answer
+        // shares it whatever else is known.
+        let endpoint = Arc::new(endpoint);
+        drop(Tracked {
+            io: (),
+            endpoint: Arc::clone(&endpoint),
+            told: true,
+        });
+        endpoint.live.fetch_add(1, Ordering::AcqRel);
+        endpoint.hear();
+        assert!(!endpoint.ready());
+        endpoint.answered();
         assert!(endpoint.ready());
     }
 
