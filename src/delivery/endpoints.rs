@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,11 +54,9 @@ pub(super) struct Endpoint {
     /// One of them can be used by any attempt (see the module docs); false again when
     /// none is open.
     shareable: AtomicBool,
-    /// The server has spoken on one of them, or one has been open [`SHARE_AFTER`].
-    heard: AtomicBool,
-    /// hyper's connection task has taken the connecting attempt's request: its
-    /// connection is pooled.
-    took: AtomicBool,
+    /// What the other attempts wait for over HTTP/2, as bits ([`HEARD`], [`TOOK`]) of one
+    /// atomic, so that of the two signals arriving at once exactly one sees both.
+    signals: AtomicU8,
     /// Held by the one attempt that connects while no connection can be used.
     gate: Semaphore,
     /// Signalled when a connection becomes shareable.
@@ -70,13 +68,18 @@ pub(super) struct Endpoint {
 /// nothing).
 pub(super) const SHARE_AFTER: Duration = Duration::from_millis(50);
 
+/// The server has spoken on one of its connections, or one has been open [`SHARE_AFTER`].
+const HEARD: u8 = 1;
+/// hyper's connection task has taken the connecting attempt's request: its connection is
+/// pooled.
+const TOOK: u8 = 2;
+
 impl Endpoint {
     fn new() -> Self {
         Endpoint {
             live: AtomicUsize::new(0),
             shareable: AtomicBool::new(false),
-            heard: AtomicBool::new(false),
-            took: AtomicBool::new(false),
+            signals: AtomicU8::new(0),
             gate: Semaphore::new(1),
             shared: Notify::new(),
         }
@@ -127,15 +130,19 @@ impl Endpoint {
     /// hyper's connection task has taken the connecting attempt's request (it asks the
     /// body whether it is empty as it does): the connection is in hyper-util's pool.
     pub(super) fn taken(&self) {
-        if !self.took.swap(true, Ordering::AcqRel) && self.heard.load(Ordering::Acquire) {
-            self.share();
-        }
+        self.signal(TOOK);
     }
 
     /// The server has spoken on an HTTP/2 connection, or one has been open for
     /// [`SHARE_AFTER`].
     fn hear(&self) {
-        if !self.heard.swap(true, Ordering::AcqRel) && self.took.load(Ordering::Acquire) {
+        self.signal(HEARD);
+    }
+
+    /// Records one signal; the one that completes both shares the connection.
+    fn signal(&self, bit: u8) {
+        let before = self.signals.fetch_or(bit, Ordering::AcqRel);
+        if before & bit == 0 && before | bit == HEARD | TOOK {
             self.share();
         }
     }
@@ -270,8 +277,7 @@ impl<T> Drop for Tracked<T> {
         if self.endpoint.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The next attempt connects first again.
             self.endpoint.shareable.store(false, Ordering::Release);
-            self.endpoint.heard.store(false, Ordering::Release);
-            self.endpoint.took.store(false, Ordering::Release);
+            self.endpoint.signals.store(0, Ordering::Release);
         }
     }
 }
